@@ -1,0 +1,392 @@
+"""One typed config for every job.
+
+`load(yaml_path, overrides)` is the only way a `Config` is built: a YAML recipe, then dotted
+overrides (`teacher.optim.lr=3e-5`, `distill.stages.0.epochs=2`), the same path Ray Tune uses
+for its search space. The dataclass field is the only default. Unknown keys and wrong types are
+errors that name the key and suggest the closest valid one.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import yaml
+
+from pipeline.errors import ConfigError
+
+LOSS_NAMES = (
+    "hard", "kd", "soft_ce", "logit_mse", "hidden_mse", "emb_relation", "mha_relation",
+    "qkv_relation", "sample_relation", "supcon", "attention_mse",
+)
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+def _one_of(value: str, choices: Sequence[str], key: str) -> None:
+    _check(value in choices, f"{key}={value!r} is not one of {list(choices)}")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    name: str = "sst2"  # run name: outputs go to <output_dir>/<name>/
+    output_dir: str = "runs"  # local path or URI for run outputs (teachers, students, reports)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check(bool(self.name) and "/" not in self.name, "name must be non-empty, without '/'")
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    address: str = ""  # "" = $RAY_ADDRESS if set, else start a local Ray on 127.0.0.1
+    num_workers: int = 1  # Ray Train data-parallel workers
+    use_gpu: bool = False
+    cpus_per_worker: float = 0.5  # fractional so Ray Data keeps a CPU (2-core machines hang otherwise)
+    num_cpus: int = 0  # CPUs for a local Ray; 0 = all of the machine's
+
+    def __post_init__(self) -> None:
+        _check(self.num_workers >= 1, "num_workers must be >= 1")
+        _check(self.cpus_per_worker > 0, "cpus_per_worker must be > 0 (e.g. 0.5)")
+        _check(self.num_cpus >= 0, "num_cpus must be >= 0 (0 = all)")
+
+
+@dataclass(frozen=True)
+class TaskDecl:
+    """A user-declared task read from local files (CSV/TSV/JSONL/Parquet)."""
+
+    name: str = ""
+    text_columns: tuple[str, ...] = ()
+    label_column: str = "label"
+    labels: tuple[str, ...] = ()  # () = regression
+    kind: str = "classification"
+    train_path: str = ""
+    dev_path: str = ""
+    column_map: dict[str, str] = field(default_factory=dict)  # task column -> file column
+
+    def __post_init__(self) -> None:
+        _check(bool(self.name), "name is required")
+        _check(1 <= len(self.text_columns) <= 2, "text_columns needs 1 or 2 column names")
+        _one_of(self.kind, ("classification", "regression"), "kind")
+        _check(bool(self.train_path), "train_path is required")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    tasks: tuple[str, ...] = ("sst2",)
+    source: str = "auto"  # auto (GLUE folder if found, else HF hub) | glue | hf
+    glue_dir: str = ""  # "" = $GLUE_DIR, else ../shared/data/glue next to the repo
+    hf_name: str = "glue"  # HF datasets name used when source is hf
+    max_len: int = 128  # truncation length; batches are padded to their own longest row
+    train_limit: int = 0  # keep the first N training rows per task (0 = all)
+    dev_limit: int = 0  # keep the first N dev rows per task (0 = all)
+    sampling_alpha: float = 1.0  # multi-task batches: p(task) ∝ |D_task|^alpha
+    unlabeled_path: str = ""  # text file for task-agnostic distillation ("" = pooled task text)
+    custom_tasks: tuple[TaskDecl, ...] = ()
+
+    def __post_init__(self) -> None:
+        _check(len(self.tasks) >= 1, "tasks must list at least one task, e.g. [sst2]")
+        _one_of(self.source, ("auto", "glue", "hf"), "source")
+        _check(self.max_len >= 8, f"max_len={self.max_len} is too small (use >= 8, e.g. 128)")
+        _check(self.train_limit >= 0 and self.dev_limit >= 0, "limits must be >= 0 (0 = all)")
+        _check(self.sampling_alpha > 0, "sampling_alpha must be > 0 (1 = proportional)")
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 5e-5
+    epochs: int = 3
+    batch_size: int = 32  # global batch (split across workers)
+    warmup_ratio: float = 0.1
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0  # max grad norm; 0 = off
+    bf16: bool = True  # autocast to bf16 where the device supports it
+    max_steps: int = 0  # stop after N optimizer steps (0 = run all epochs)
+    evals_per_epoch: int = 1
+
+    def __post_init__(self) -> None:
+        _check(self.lr > 0, f"lr must be > 0, got {self.lr}")
+        _check(self.epochs >= 1, "epochs must be >= 1")
+        _check(self.batch_size >= 1, "batch_size must be >= 1")
+        _check(0 <= self.warmup_ratio < 1, "warmup_ratio must be in [0, 1)")
+        _check(self.weight_decay >= 0 and self.grad_clip >= 0, "weight_decay/grad_clip >= 0")
+        _check(self.max_steps >= 0 and self.evals_per_epoch >= 1, "max_steps>=0, evals_per_epoch>=1")
+
+
+@dataclass(frozen=True)
+class TeacherConfig:
+    model: str = ""  # "" = packaged all-MiniLM-L6-v2; else a local HF folder or a hub id
+    path: str = ""  # an already trained teacher folder: skip training and use it
+    mode: str = "single"  # single (one task) | multitask (shared encoder, a head per task)
+    ensemble_size: int = 1  # members differing by seed/dropout (MT-DNN-KD)
+    dropout: float = 0.1
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+    def __post_init__(self) -> None:
+        _one_of(self.mode, ("single", "multitask"), "mode")
+        _check(self.ensemble_size >= 1, "ensemble_size must be >= 1")
+        _check(0 <= self.dropout < 1, "dropout must be in [0, 1)")
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    root: str = "cache"  # local path or URI (s3://...) holding <root>/<key>/
+    logits: bool = True
+    cls: bool = False  # final [CLS] vector
+    embeddings: bool = False  # embedding output (tokens x d)
+    hidden_layers: tuple[int, ...] = ()  # 1-based teacher layers (hidden_states index)
+    attn_layers: tuple[int, ...] = ()  # attention output (before W_O) of these layers
+    qkv_layers: tuple[int, ...] = ()
+    dtype: str = "float16"  # token-level storage: float16 | int8 (per-token scale)
+    batch_size: int = 64  # teacher inference batch (rows of similar length)
+    concurrency: int = 1  # teacher actors
+    rows_per_shard: int = 8192
+
+    def __post_init__(self) -> None:
+        _one_of(self.dtype, ("float16", "int8"), "dtype")
+        _check(self.batch_size >= 1 and self.concurrency >= 1, "batch_size, concurrency >= 1")
+        _check(self.rows_per_shard >= 1, "rows_per_shard must be >= 1")
+        for key in ("hidden_layers", "attn_layers", "qkv_layers"):
+            _check(all(i >= 1 for i in getattr(self, key)), f"{key} are 1-based layer numbers")
+
+
+@dataclass(frozen=True)
+class StudentConfig:
+    arch: str = "transformer"  # transformer | bilstm
+    layers: int = 3
+    hidden: int = 384
+    heads: int = 12  # free: must divide hidden, need not match the teacher
+    ffn: int = 1536
+    init: str = "uniform"  # uniform | first | explicit | random: which teacher layers seed it
+    init_layers: tuple[int, ...] = ()  # for init=explicit: 1-based teacher layers
+    init_from: str = "base"  # base (pretrained, not task-tuned) | teacher (task-tuned)
+    lstm_hidden: int = 256  # BiLSTM hidden size per direction
+    dropout: float = 0.1
+
+    def __post_init__(self) -> None:
+        _one_of(self.arch, ("transformer", "bilstm"), "arch")
+        _one_of(self.init, ("uniform", "first", "explicit", "random"), "init")
+        _one_of(self.init_from, ("base", "teacher"), "init_from")
+        _check(self.layers >= 1 and self.hidden >= 1 and self.ffn >= 1, "sizes must be >= 1")
+        _check(self.heads >= 1 and self.hidden % self.heads == 0,
+               f"heads={self.heads} must divide hidden={self.hidden}")
+        _check(self.init != "explicit" or len(self.init_layers) == self.layers,
+               f"init=explicit needs init_layers with {self.layers} entries")
+
+
+@dataclass(frozen=True)
+class StageConfig:
+    name: str = "distill"
+    losses: dict[str, float] = field(default_factory=lambda: {"kd": 1.0})  # loss -> weight
+    temperature: float = 1.0  # for kd
+    layer_map: str = "uniform"  # uniform | last | explicit (student layer -> teacher layer)
+    layer_map_explicit: tuple[int, ...] = ()
+    relation_splits: int = 0  # MHA relation chunks; 0 = the student's head count
+    relation_heads: int = 12  # MiniLMv2 Q/K/V relation heads
+    supcon_temperature: float = 0.07
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+    def __post_init__(self) -> None:
+        for name, weight in self.losses.items():
+            hint = difflib.get_close_matches(name, LOSS_NAMES, 1)
+            _check(name in LOSS_NAMES, f"unknown loss {name!r}"
+                   + (f"; did you mean {hint[0]!r}?" if hint else f"; known: {LOSS_NAMES}"))
+            _check(weight >= 0, f"loss weight {name}={weight} must be >= 0")
+        _check(any(w > 0 for w in self.losses.values()), "losses: at least one weight > 0")
+        _one_of(self.layer_map, ("uniform", "last", "explicit"), "layer_map")
+        _check(self.temperature > 0 and self.supcon_temperature > 0, "temperatures must be > 0")
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    stages: tuple[StageConfig, ...] = (StageConfig(),)
+    online: bool = False  # run the teacher in the loop instead of reading the cache
+
+    def __post_init__(self) -> None:
+        _check(len(self.stages) >= 1, "stages must list at least one stage")
+
+
+@dataclass(frozen=True)
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+
+
+# ---------------------------------------------------------------- building from dicts
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"config key {key} expects a mapping, got {value!r}")
+        return from_dict(tp, value, key)
+    if origin is tuple:
+        (item_tp, _) = typing.get_args(tp)
+        if isinstance(value, (str, Mapping)) or not isinstance(value, Sequence):
+            value = [value] if not isinstance(value, Mapping) else value
+            if isinstance(value, Mapping):
+                raise ConfigError(f"config key {key} expects a list, got a mapping")
+        return tuple(_coerce(v, item_tp, f"{key}.{i}") for i, v in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"config key {key} expects a mapping, got {value!r}")
+        _, val_tp = typing.get_args(tp)
+        return {str(k): _coerce(v, val_tp, f"{key}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 3e-5 as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    else:
+        return value
+    raise ConfigError(f"config key {key} expects {tp.__name__}, got {value!r}")
+
+
+def _unknown_key(cls: type, name: str, prefix: str) -> ConfigError:
+    names = [f.name for f in dataclasses.fields(cls)]
+    hint = difflib.get_close_matches(name, names, 1)
+    full = f"{prefix}.{name}" if prefix else name
+    fix = f"did you mean {(prefix + '.' if prefix else '') + hint[0]}?" if hint else f"valid: {names}"
+    return ConfigError(f"unknown config key {full}; {fix}")
+
+
+def from_dict(cls: type, data: Mapping[str, Any], prefix: str = "") -> Any:
+    """Build dataclass `cls` from a (partial) nested dict, checking keys and types."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for name, value in data.items():
+        if name not in fields:
+            raise _unknown_key(cls, name, prefix)
+        key = f"{prefix}.{name}" if prefix else name
+        kwargs[name] = _coerce(value, hints[name], key)
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:
+        raise ConfigError(f"{prefix or 'config'}: {e}") from None
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain nested dict (lists, not tuples) that `from_dict` turns back into `cfg`."""
+    def plain(v: Any) -> Any:
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+    return plain(dataclasses.asdict(cfg))
+
+
+def _parse_override(item: str) -> tuple[str, Any]:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like key=value, e.g. teacher.optim.lr=3e-5")
+    key, raw = item.split("=", 1)
+    return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
+
+
+def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node: Any = tree
+    for i, part in enumerate(parts[:-1]):
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(f"override {key}: index {part} out of range (list has {len(node)})")
+            node = node[int(part)]
+        else:
+            node = node.setdefault(part, {})
+        if not isinstance(node, (dict, list)):
+            raise ConfigError(f"override {key}: {'.'.join(parts[: i + 1])} is not a section")
+    last = parts[-1]
+    if isinstance(node, list):
+        if not last.isdigit() or int(last) >= len(node):
+            raise ConfigError(f"override {key}: index {last} out of range (list has {len(node)})")
+        node[int(last)] = value
+    else:
+        node[last] = value
+
+
+def _merge_sections(cls: type, base: dict[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
+    """Merge `new` into `base` recursively for dataclass sections; other values are replaced."""
+    hints = typing.get_type_hints(cls)
+    out = dict(base)
+    for key, value in new.items():
+        tp = hints.get(key)
+        if tp is not None and dataclasses.is_dataclass(tp) and isinstance(value, Mapping):
+            out[key] = _merge_sections(tp, out.get(key) or {}, value)
+        else:
+            out[key] = value
+    return out
+
+
+def merge_overrides(tree: Mapping[str, Any], overrides: Sequence[str] | Mapping[str, Any]) -> dict:
+    """Apply dotted overrides (`a.b=1` strings or a {dotted: value} mapping) to a nested dict."""
+    out = copy.deepcopy(dict(tree))
+    items = overrides.items() if isinstance(overrides, Mapping) else map(_parse_override, overrides)
+    for key, value in items:
+        _set_dotted(out, key, value)
+    return out
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {p} not found")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {p} must hold a mapping at the top level")
+    return data
+
+
+def load(path: str | Path | None = None,
+         overrides: Sequence[str] | Mapping[str, Any] = ()) -> Config:
+    """YAML recipe (optional) + dotted overrides -> validated `Config`."""
+    tree = _merge_sections(Config, to_dict(Config()), read_yaml(path) if path else {})
+    tree = merge_overrides(tree, overrides)
+    try:
+        return from_dict(Config, tree)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}" if path else str(e)) from None
+
+
+def replace(cfg: Config, overrides: Sequence[str] | Mapping[str, Any]) -> Config:
+    """A new `Config` with dotted overrides applied (used by Tune trials)."""
+    return from_dict(Config, merge_overrides(to_dict(cfg), overrides))
+
+
+def save(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
+

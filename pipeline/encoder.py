@@ -1,0 +1,176 @@
+"""A BERT encoder with one head per task, and capture of its internal features.
+
+The same module is the teacher (a pretrained HF encoder) and the Transformer student (a
+smaller `BertConfig`, any head count dividing its width). `forward` returns `Features`: logits
+plus whichever internals a loss or the cache asks for (embedding output, hidden states, the
+attention output before W_O, Q/K/V), taken with forward hooks so any attention kernel works.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import AutoConfig, AutoModel, BertConfig, BertForSequenceClassification
+
+HEADS_FILE = "heads.safetensors"
+META_FILE = "raykd.json"
+
+
+@dataclass(frozen=True)
+class Capture:
+    """Which internals `forward` returns; layers are 1-based (hidden_states index)."""
+
+    embeddings: bool = False
+    hidden: tuple[int, ...] = ()
+    attn: tuple[int, ...] = ()
+    qkv: tuple[int, ...] = ()
+
+
+@dataclass
+class Features:
+    logits: torch.Tensor  # [B, C] (C = 1 for regression)
+    cls: torch.Tensor  # [B, D] final-layer [CLS] vector (before the pooler)
+    embeddings: torch.Tensor | None = None  # [B, T, D]
+    hidden: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [B, T, D]
+    attn: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [B, T, D]
+    qkv: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+
+class EncoderClassifier(nn.Module):
+    """HF BERT encoder + pooler, and a `Linear` head per task (num_outputs each)."""
+
+    def __init__(self, encoder: nn.Module, tasks: dict[str, int], dropout: float = 0.1):
+        super().__init__()
+        self.encoder = encoder
+        self.tasks = dict(tasks)
+        width = encoder.config.hidden_size
+        self.dropout = nn.Dropout(dropout)
+        self.heads = nn.ModuleDict({t: nn.Linear(width, n) for t, n in self.tasks.items()})
+        for head in self.heads.values():
+            nn.init.normal_(head.weight, std=0.02)
+            nn.init.zeros_(head.bias)
+
+    @property
+    def config(self) -> BertConfig:
+        return self.encoder.config
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                token_type_ids: torch.Tensor | None = None, task: str | None = None,
+                capture: Capture = Capture()) -> Features:
+        feats = Features(logits=torch.empty(0), cls=torch.empty(0))
+        hooks = _register_hooks(self.encoder, capture, feats)
+        try:
+            need_hidden = capture.embeddings or bool(capture.hidden)
+            out = self.encoder(input_ids=input_ids, attention_mask=attention_mask,
+                               token_type_ids=token_type_ids, output_hidden_states=need_hidden)
+        finally:
+            for h in hooks:
+                h.remove()
+        seq = out.last_hidden_state
+        feats.cls = seq[:, 0]
+        pooled = out.pooler_output if out.pooler_output is not None else seq[:, 0]
+        task = task or next(iter(self.tasks))
+        feats.logits = self.heads[task](self.dropout(pooled))
+        if need_hidden:
+            states = out.hidden_states
+            feats.embeddings = states[0] if capture.embeddings else None
+            feats.hidden = {i: states[i] for i in capture.hidden}
+        return feats
+
+    def save(self, folder: str | Path, extra: dict | None = None) -> str:
+        """Write encoder (HF format), heads and metadata; return the content fingerprint."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.encoder.save_pretrained(folder)
+        save_file({k: v.detach().contiguous().cpu() for k, v in self.heads.state_dict().items()},
+                  str(folder / HEADS_FILE))
+        meta = {"tasks": self.tasks, **(extra or {})}
+        meta["fingerprint"] = fingerprint(folder)
+        (folder / META_FILE).write_text(json.dumps(meta, indent=2), encoding="utf-8")
+        return meta["fingerprint"]
+
+    @classmethod
+    def load(cls, folder: str | Path, dropout: float = 0.1) -> "EncoderClassifier":
+        folder = Path(folder)
+        meta = read_meta(folder)
+        encoder = AutoModel.from_pretrained(folder, attn_implementation="sdpa")
+        model = cls(encoder, {t: int(n) for t, n in meta["tasks"].items()}, dropout)
+        model.heads.load_state_dict(load_file(str(folder / HEADS_FILE)))
+        return model
+
+
+def read_meta(folder: str | Path) -> dict:
+    path = Path(folder) / META_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{folder} is not a raykd model folder (no {META_FILE}); "
+                                "train one with `python -m jobs.teacher` or pass teacher.model")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def fingerprint(folder: str | Path) -> str:
+    """sha256 over the weights, config, heads and tokenizer files of a model folder."""
+    h = hashlib.sha256()
+    names = ("config.json", "model.safetensors", HEADS_FILE, "tokenizer.json", "vocab.txt",
+             "tokenizer_config.json", "special_tokens_map.json")
+    for name in names:
+        path = Path(folder) / name
+        if path.is_file():
+            h.update(name.encode())
+            with open(path, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    h.update(chunk)
+    return h.hexdigest()[:32]
+
+
+def pretrained_encoder(name_or_path: str, dropout: float = 0.1) -> nn.Module:
+    """Load an HF encoder (local folder or hub id) with the pooler, sdpa attention."""
+    cfg = AutoConfig.from_pretrained(name_or_path, hidden_dropout_prob=dropout,
+                                     attention_probs_dropout_prob=dropout)
+    return AutoModel.from_pretrained(name_or_path, config=cfg, attn_implementation="sdpa")
+
+
+def bert_layers(encoder: nn.Module) -> nn.ModuleList:
+    return encoder.encoder.layer
+
+
+def _register_hooks(encoder: nn.Module, capture: Capture, feats: Features) -> list:
+    hooks = []
+    layers = bert_layers(encoder)
+    for i in capture.attn:
+        def keep_attn(_m, _inp, out, i=i):
+            feats.attn[i] = out[0]
+        hooks.append(layers[i - 1].attention.self.register_forward_hook(keep_attn))
+    for i in capture.qkv:
+        attn = layers[i - 1].attention.self
+        parts: dict[str, torch.Tensor] = {}
+
+        def keep(name, i=i, parts=parts):
+            def hook(_m, _inp, out):
+                parts[name] = out
+                if len(parts) == 3:
+                    feats.qkv[i] = (parts["q"], parts["k"], parts["v"])
+            return hook
+        hooks += [attn.query.register_forward_hook(keep("q")),
+                  attn.key.register_forward_hook(keep("k")),
+                  attn.value.register_forward_hook(keep("v"))]
+    return hooks
+
+
+def to_hf_classifier(model: EncoderClassifier, task: str, labels: tuple[str, ...]) -> nn.Module:
+    """A `BertForSequenceClassification` with this encoder and the head of `task`."""
+    n = model.tasks[task]
+    cfg = BertConfig.from_dict({**model.config.to_dict(), "num_labels": n,
+                                "architectures": ["BertForSequenceClassification"]})
+    if labels:
+        cfg.id2label = dict(enumerate(labels))
+        cfg.label2id = {label: i for i, label in enumerate(labels)}
+    cfg.problem_type = "regression" if n == 1 else "single_label_classification"
+    hf = BertForSequenceClassification(cfg)
+    hf.bert.load_state_dict(model.encoder.state_dict())
+    hf.classifier.load_state_dict(model.heads[task].state_dict())
+    return hf

