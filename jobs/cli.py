@@ -10,7 +10,9 @@ from pipeline.config import Config, load, save
 from pipeline.errors import RaykdError
 
 
-def parse(description: str, argv: list[str] | None = None) -> tuple[Config, argparse.Namespace]:
+def parse(description: str, argv: list[str] | None = None,
+          extra: Callable[[argparse.ArgumentParser], None] | None = None
+          ) -> tuple[Config, argparse.Namespace]:
     parser = argparse.ArgumentParser(
         description=description,
         epilog="Overrides use the config's dotted keys, e.g. teacher.optim.lr=3e-5 "
@@ -19,15 +21,18 @@ def parse(description: str, argv: list[str] | None = None) -> tuple[Config, argp
     parser.add_argument("--config", help="YAML recipe (jobs/configs/*.yaml); default: built-in defaults")
     parser.add_argument("--address", default="", help="Ray cluster address (default: $RAY_ADDRESS, "
                         "else a local Ray on 127.0.0.1)")
+    if extra:
+        extra(parser)
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     args = parser.parse_args(argv)
     return load(args.config, args.overrides), args
 
 
-def main(run: Callable[[Config, argparse.Namespace], None], description: str) -> None:
+def main(run: Callable[[Config, argparse.Namespace], None], description: str,
+         extra: Callable[[argparse.ArgumentParser], None] | None = None) -> None:
     """Parse, run, and turn our errors into one clear line and exit code 2."""
     try:
-        cfg, args = parse(description)
+        cfg, args = parse(description, extra=extra)
         run(cfg, args)
     except RaykdError as e:
         print(f"error: {e}", file=sys.stderr)

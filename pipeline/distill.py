@@ -60,7 +60,8 @@ def train_worker(ctx: dict[str, Any]) -> None:
     per_worker = max(1, stage.optim.batch_size // world)
     steps_per_epoch = sum(math.ceil(v["train_rows"] / world / per_worker) for v in tasks.values())
     total = stage.optim.max_steps or steps_per_epoch * stage.optim.epochs
-    opt = torch.optim.AdamW(trainee.parameters(), lr=stage.optim.lr, weight_decay=stage.optim.weight_decay)
+    opt = torch.optim.AdamW(trainee.parameters(), lr=stage.optim.lr,
+                            weight_decay=stage.optim.weight_decay, fused=device.type in ("cpu", "cuda"))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _warmup_decay(total, stage.optim.warmup_ratio))
     if state is not None:
         opt.load_state_dict(state["opt"])

@@ -102,3 +102,30 @@ def require_teacher(folder: str | Path) -> dict:
     if "fingerprint" not in meta:
         raise ConfigError(f"{folder}: teacher metadata lacks a fingerprint; retrain it")
     return meta
+
+
+def teachers_by_task(cfg: Config, groups: dict[str, list[Path]]) -> dict[str, list[Path]]:
+    """Which teacher folder(s) serve each task of the config."""
+    out = {}
+    for task in cfg.data.tasks:
+        group = "given" if "given" in groups else ("multitask" if "multitask" in groups else task)
+        if group not in groups:
+            raise ConfigError(f"no teacher for task {task}; train one with python -m jobs.teacher")
+        out[task] = groups[group]
+    return out
+
+
+def existing_teachers(cfg: Config) -> dict[str, list[Path]]:
+    """Finished teacher folders of this run (no training); a clear error when one is missing."""
+    if cfg.teacher.path:
+        read_meta(cfg.teacher.path)
+        return {"given": [Path(cfg.teacher.path)]}
+    out = {}
+    for group in teacher_groups(cfg):
+        folders = teacher_dirs(cfg, group)
+        for f in folders:
+            if not (f / "metrics.json").is_file():
+                raise ConfigError(f"teacher {f} is not trained yet; run python -m jobs.teacher with "
+                                  "the same config, or set teacher.path to a trained teacher folder")
+        out[group] = folders
+    return out

@@ -1,0 +1,66 @@
+"""The student report: size, dev metrics, agreement with the teacher, latency vs the teacher."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline import data, evaluate, models
+from pipeline.batching import collate_inputs
+from pipeline.cache.reader import read_cache
+from pipeline.config import Config
+from pipeline.tasks import compute_metrics
+
+
+def dev_batches(table, batch_size: int = 128):
+    for i in range(0, len(table), batch_size):
+        yield collate_inputs(table.slice(i, batch_size))
+
+
+def build_report(cfg: Config, student_dir: Path, teacher_dir: Path, dev_cache_keys: dict[str, str],
+                 tokenizer, latency_seq_len: int = 64, min_time_s: float = 1.0) -> dict:
+    """Compare the student in `student_dir/model` with the teacher folder, task by task."""
+    student = models.load_model(student_dir / "model")
+    teacher = models.load_model(teacher_dir)
+    cpu = torch.device("cpu")
+    report: dict = {"student": {**models.describe(student), "path": str(student_dir)},
+                    "teacher": {**models.describe(teacher), "path": str(teacher_dir)}, "tasks": {}}
+    for task in cfg.data.tasks:
+        t = data.task_of(cfg.data, task)
+        dev = data.load_tokenized(cfg.data, task, "dev", tokenizer)
+        s_out, labels, ids = evaluate.predict(student, dev_batches(dev), task, cpu, amp=True)
+        cached = read_cache(cfg.cache.root, dev_cache_keys[task], ["logits"])
+        t_logits = np.stack(cached.column("logits").to_numpy(zero_copy_only=False))
+        order = {int(e): i for i, e in enumerate(cached.column("example_id").to_numpy())}
+        t_out = t_logits[[order[int(e)] for e in ids]]
+        report["tasks"][task] = {
+            "student": compute_metrics(t, s_out, labels), "teacher": compute_metrics(t, t_out, labels),
+            "agreement": evaluate.agreement(s_out, t_out)}
+    lat_s = evaluate.latency_table(student, latency_seq_len, cfg.data.tasks[0], min_time_s=min_time_s)
+    lat_t = evaluate.latency_table(teacher, latency_seq_len, cfg.data.tasks[0], min_time_s=min_time_s)
+    report["latency_ms"] = {"seq_len": latency_seq_len, "student": lat_s, "teacher": lat_t,
+                            "speedup": {k: lat_t[k] / lat_s[k] for k in lat_s}}
+    report["params_ratio"] = report["student"]["params"] / report["teacher"]["params"]
+    return report
+
+
+def write_report(report: dict, folder: Path) -> None:
+    (folder / "report.json").write_text(json.dumps(report, indent=2))
+    lines = [f"# Student report\n", f"student: {report['student']}", f"teacher: {report['teacher']}",
+             f"params ratio: {report['params_ratio']:.3f}", ""]
+    for task, r in report["tasks"].items():
+        lines.append(f"{task}: student {fmt(r['student'])} | teacher {fmt(r['teacher'])} | "
+                     f"agreement {r['agreement']:.1f}%")
+    lat = report["latency_ms"]
+    lines.append(f"\nlatency (ms, seq_len {lat['seq_len']}):")
+    for k in lat["student"]:
+        lines.append(f"  {k}: student {lat['student'][k]:.2f}  teacher {lat['teacher'][k]:.2f}  "
+                     f"speed-up {lat['speedup'][k]:.2f}x")
+    (folder / "report.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines), flush=True)
+
+
+def fmt(metrics: dict) -> str:
+    return " ".join(f"{k}={v:.2f}" for k, v in metrics.items())
