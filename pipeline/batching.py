@@ -48,7 +48,7 @@ def collate_inputs(table: pa.Table) -> dict[str, torch.Tensor]:
             (np.arange(int(lengths.max(initial=0)))[None, :] < lengths[:, None]).astype(np.int64)),
     }
     if "label" in table.column_names:
-        batch["labels"] = torch.from_numpy(table.column("label").to_numpy(zero_copy_only=False))
+        batch["labels"] = torch.from_numpy(table.column("label").to_numpy(zero_copy_only=False).copy())
     return batch
 
 

@@ -147,7 +147,7 @@ class CacheConfig:
     dtype: str = "float16"  # token-level storage: float16 | int8 (per-token scale)
     batch_size: int = 64  # teacher inference batch (rows of similar length)
     concurrency: int = 1  # teacher actors
-    rows_per_shard: int = 8192
+    rows_per_shard: int = 2048  # rows per Parquet shard (unit of resume and of shuffling)
 
     def __post_init__(self) -> None:
         _one_of(self.dtype, ("float16", "int8"), "dtype")
@@ -204,9 +204,19 @@ class StageConfig:
         _check(self.temperature > 0 and self.supcon_temperature > 0, "temperatures must be > 0")
 
 
+def _default_stages() -> tuple[StageConfig, ...]:
+    """MLKD-style default: features and relations first, then predictions."""
+    return (
+        StageConfig(name="features", losses={"emb_relation": 1.0, "mha_relation": 1.0, "hidden_mse": 1.0},
+                    optim=OptimConfig(lr=1e-4, epochs=1)),
+        StageConfig(name="predictions", losses={"kd": 1.0, "hard": 1.0},
+                    optim=OptimConfig(lr=5e-5, epochs=3)),
+    )
+
+
 @dataclass(frozen=True)
 class DistillConfig:
-    stages: tuple[StageConfig, ...] = (StageConfig(),)
+    stages: tuple[StageConfig, ...] = field(default_factory=_default_stages)
     online: bool = False  # run the teacher in the loop instead of reading the cache
 
     def __post_init__(self) -> None:

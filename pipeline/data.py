@@ -135,4 +135,4 @@ def to_ray(table: pa.Table, rows_per_block: int = 4096):
     import ray
 
     blocks = [table.slice(i, rows_per_block) for i in range(0, max(len(table), 1), rows_per_block)]
-    return ray.data.from_arrow(blocks)
+    return ray.data.from_arrow(blocks).randomize_block_order()
