@@ -1,0 +1,1 @@
+"""Teacher-output cache: schema, key, writer (Ray Data), reader, store commands."""

@@ -1,0 +1,100 @@
+"""Teacher forward over rows of a shard -> cache columns (pure torch/Arrow, no Ray).
+
+Rows arrive sorted by length, so consecutive batches pad little. Token-level tensors keep only
+real tokens: `x[mask]` of a [B, T, d] batch is [n_real, d] in row order, stored flat per row.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from pipeline.batching import collate_inputs
+from pipeline.cache.schema import INPUT_COLUMNS, Column
+from pipeline.encoder import Capture, EncoderClassifier
+
+
+def capture_for(quantities: list[str]) -> Capture:
+    from pipeline.cache.schema import parse_quantity
+
+    parts = [parse_quantity(q) for q in quantities]
+    return Capture(
+        embeddings=any(k == "embeddings" for k, _ in parts),
+        hidden=tuple(layer for k, layer in parts if k == "hidden"),
+        attn=tuple(layer for k, layer in parts if k == "attn"),
+        qkv=tuple(layer for k, layer in parts if k == "qkv"),
+    )
+
+
+def quantize_int8(x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Per-token symmetric int8: x [n, d] -> (int8 [n, d], scale fp16 [n])."""
+    scale = x.abs().amax(-1).clamp_min(1e-8) / 127.0
+    q = torch.round(x / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+    return q.numpy(), scale.half().numpy()
+
+
+@torch.no_grad()
+def teacher_columns(members: list[EncoderClassifier], table: pa.Table, task: str,
+                    columns: list[Column], batch_size: int, device: torch.device,
+                    amp: bool) -> pa.Table:
+    """The input columns of `table` plus the requested teacher columns, same row order."""
+    names = {c.name for c in columns}
+    quantities = [n for n in names if n not in ("logits", "probs", "member_logits", "cls")]
+    cap = capture_for(sorted({_quantity_of(n) for n in quantities}))
+    parts: dict[str, list] = {c.name: [] for c in columns}
+    scales: dict[str, list] = {c.name: [] for c in columns if c.dtype == "int8"}
+    for start in range(0, len(table), batch_size):
+        b = collate_inputs(table.slice(start, batch_size))
+        mask = b["attention_mask"].bool()
+        inputs = (b["input_ids"].to(device), b["attention_mask"].to(device), b["token_type_ids"].to(device))
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            feats = members[0](*inputs, task, cap)
+            logits = [feats.logits.float()] + [m(*inputs, task).logits.float() for m in members[1:]]
+        stacked = torch.stack(logits)  # [K, B, C]
+        vectors = {"logits": stacked.mean(0), "probs": stacked.softmax(-1).mean(0),
+                   "member_logits": stacked.permute(1, 0, 2).reshape(stacked.shape[1], -1),
+                   "cls": feats.cls.float()}
+        tokens = _token_tensors(feats)
+        for c in columns:
+            if c.kind == "vector":
+                parts[c.name].append(vectors[c.name].cpu().numpy().astype(c.dtype))
+                continue
+            real = tokens[c.name].float()[mask.to(device)].cpu()  # [n_real, d]
+            if c.dtype == "int8":
+                q, s = quantize_int8(real)
+                parts[c.name].append(q)
+                scales[c.name].append(s)
+            else:
+                parts[c.name].append(real.numpy().astype(np.float16))
+    lengths = table.column("input_ids").combine_chunks().value_lengths().to_numpy()
+    out = {name: table.column(name) for name in INPUT_COLUMNS}
+    for c in columns:
+        values = np.concatenate(parts[c.name])
+        per_row = np.full(len(table), c.dim) if c.kind == "vector" else lengths * c.dim
+        out[c.name] = _list_array(values.reshape(-1), per_row)
+        if c.dtype == "int8":
+            out[f"{c.name}_scale"] = _list_array(np.concatenate(scales[c.name]), lengths)
+    return pa.table(out)
+
+
+def _quantity_of(column: str) -> str:
+    if column[:2] in ("q_", "k_", "v_"):
+        return "qkv_" + column[2:]
+    return column
+
+
+def _token_tensors(feats) -> dict[str, torch.Tensor]:
+    out = {}
+    if feats.embeddings is not None:
+        out["embeddings"] = feats.embeddings
+    out.update({f"hidden_{i}": v for i, v in feats.hidden.items()})
+    out.update({f"attn_{i}": v for i, v in feats.attn.items()})
+    for i, (q, k, v) in feats.qkv.items():
+        out.update({f"q_{i}": q, f"k_{i}": k, f"v_{i}": v})
+    return out
+
+
+def _list_array(values: np.ndarray, per_row: np.ndarray) -> pa.ListArray:
+    offsets = np.zeros(len(per_row) + 1, dtype=np.int32)
+    np.cumsum(per_row, out=offsets[1:])
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))

@@ -1,0 +1,137 @@
+"""Files of a cache on any pyarrow filesystem (local path, s3://, gs://, ...): atomic
+writes, manifests, listing, verification and deletion. No Ray here.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow.fs as pafs
+
+from pipeline.errors import DataError
+
+KEY_FILE = "key.json"
+MANIFEST = "manifest.json"
+
+
+class CacheError(DataError):
+    """A cache is missing, incomplete, corrupt, or does not match the run."""
+
+
+def filesystem(root: str) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path) for a local path or a URI; local paths are made absolute."""
+    if "://" in root:
+        return pafs.FileSystem.from_uri(root)
+    import os
+    return pafs.LocalFileSystem(), os.path.abspath(root)
+
+
+def join(*parts: str) -> str:
+    return "/".join(p.rstrip("/") for p in parts if p)
+
+
+def write_atomic(fs: pafs.FileSystem, path: str, data: bytes) -> None:
+    """Write to a unique temporary name, then rename: readers never see a partial file."""
+    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    with fs.open_output_stream(tmp) as f:
+        f.write(data)
+    fs.move(tmp, path)
+
+
+def read_bytes(fs: pafs.FileSystem, path: str) -> bytes:
+    with fs.open_input_stream(path) as f:
+        return f.read()
+
+
+def exists(fs: pafs.FileSystem, path: str) -> bool:
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def read_json(fs: pafs.FileSystem, path: str) -> dict[str, Any]:
+    return json.loads(read_bytes(fs, path).decode("utf-8"))
+
+
+def write_json(fs: pafs.FileSystem, path: str, obj: dict) -> None:
+    write_atomic(fs, path, json.dumps(obj, indent=2, sort_keys=True).encode("utf-8"))
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def subdirs(fs: pafs.FileSystem, path: str) -> list[str]:
+    if not exists(fs, path):
+        return []
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=False))
+    return sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory)
+
+
+@dataclass(frozen=True)
+class ShardSet:
+    set_id: str
+    manifest: dict[str, Any]
+
+    @property
+    def quantities(self) -> list[str]:
+        return self.manifest["quantities"]
+
+    @property
+    def columns(self) -> dict[str, dict]:
+        return self.manifest["columns"]
+
+
+def committed_sets(root: str, key: str) -> list[ShardSet]:
+    """Shard sets of a key whose manifest has committed (others are in progress or dead)."""
+    fs, base = filesystem(root)
+    out = []
+    for set_id in subdirs(fs, join(base, key)):
+        path = join(base, key, set_id, MANIFEST)
+        if exists(fs, path):
+            out.append(ShardSet(set_id, read_json(fs, path)))
+    return out
+
+
+def list_caches(root: str) -> list[dict[str, Any]]:
+    """One summary per key: key fields, rows, bytes on disk, quantities."""
+    fs, base = filesystem(root)
+    out = []
+    for key in subdirs(fs, base):
+        if not exists(fs, join(base, key, KEY_FILE)):
+            continue
+        fields = read_json(fs, join(base, key, KEY_FILE))
+        sets = committed_sets(root, key)
+        out.append({
+            "key": key, "fields": fields, "rows": sets[0].manifest["rows"] if sets else 0,
+            "bytes": sum(s["bytes"] for st in sets for s in st.manifest["shards"]),
+            "quantities": sorted({q for st in sets for q in st.quantities}),
+            "sets": [st.set_id for st in sets],
+        })
+    return out
+
+
+def verify(root: str, key: str) -> list[str]:
+    """Check every shard of every committed set against its manifest; return problems."""
+    fs, base = filesystem(root)
+    problems = []
+    sets = committed_sets(root, key)
+    if not sets:
+        problems.append(f"{join(base, key)}: no committed shard set (missing or unfinished)")
+    for st in sets:
+        for shard in st.manifest["shards"]:
+            path = join(base, key, st.set_id, shard["file"])
+            if not exists(fs, path):
+                problems.append(f"{path}: missing shard")
+            elif sha256(read_bytes(fs, path)) != shard["sha256"]:
+                problems.append(f"{path}: checksum mismatch (corrupt shard)")
+    return problems
+
+
+def delete(root: str, key: str) -> None:
+    fs, base = filesystem(root)
+    if not exists(fs, join(base, key)):
+        raise CacheError(f"no cache {key} under {root}")
+    fs.delete_dir(join(base, key))

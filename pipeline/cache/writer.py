@@ -1,0 +1,148 @@
+"""The cache job: Ray Data runs teacher actors over length-sorted shards and writes Parquet.
+
+Each shard is a fixed slice of the length-sorted rows. An actor (teacher loaded once) takes
+one shard id, computes its columns, writes `shard-<i>-<sha8>.parquet` atomically, then a
+marker. A rerun skips shards with markers (resume after a crash); `manifest.json` is written
+last by the driver, so a cache is never visible before it is complete.
+"""
+from __future__ import annotations
+
+import io
+import os
+import socket
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.cache import key as ckey
+from pipeline.cache import store
+from pipeline.cache.schema import SCHEMA_VERSION, Column, columns_for
+
+PARQUET_OPTS = {"compression": "zstd", "compression_level": 1, "use_dictionary": False}
+
+
+class ShardWriter:
+    """Ray Data actor: loads the teacher(s) once, then writes whole shards."""
+
+    def __init__(self, table_ref: list, teacher_paths: list[str], task: str, columns: list[dict],
+                 root: str, key: str, set_id: str, rows_per_shard: int, batch_size: int,
+                 num_threads: int, bf16: bool, use_gpu: bool):
+        import ray
+        import torch
+
+        from pipeline.encoder import EncoderClassifier
+        from pipeline.evaluate import bf16_supported
+
+        if num_threads:
+            torch.set_num_threads(num_threads)
+        self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+        self.members = [EncoderClassifier.load(p).to(self.device).eval() for p in teacher_paths]
+        self.amp = bf16 and bf16_supported(self.device)
+        table = ray.get(table_ref[0])  # zero-copy from the object store
+        self.table, self.task, self.columns = table, task, [Column(**c) for c in columns]
+        self.root, self.key, self.set_id = root, key, set_id
+        self.rows, self.batch_size = rows_per_shard, batch_size
+        self.n_shards = -(-len(table) // rows_per_shard)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        out = [self.write_shard(int(i)) for i in batch["shard"]]
+        return {k: np.array([o[k] for o in out]) for k in out[0]}
+
+    def write_shard(self, index: int) -> dict:
+        from pipeline.cache.compute import teacher_columns
+
+        t0 = time.perf_counter()
+        rows = self.table.slice(index * self.rows, self.rows)
+        result = teacher_columns(self.members, rows, self.task, self.columns, self.batch_size,
+                                 self.device, self.amp)
+        buf = io.BytesIO()
+        pq.write_table(result, buf, **PARQUET_OPTS)
+        data = buf.getvalue()
+        digest = store.sha256(data)
+        fs, base = store.filesystem(self.root)
+        folder = store.join(base, self.key, self.set_id)
+        name = f"shard-{index:05d}-{digest[:8]}.parquet"
+        store.write_atomic(fs, store.join(folder, name), data)
+        marker = {"index": index, "file": name, "rows": len(rows), "bytes": len(data), "sha256": digest}
+        store.write_json(fs, store.join(folder, f"shard-{index:05d}.json"), marker)
+        secs = time.perf_counter() - t0
+        print(f"[raykd cache] {self.key} shard {index + 1}/{self.n_shards}: {len(rows)} rows, "
+              f"{len(data) / 2**20:.1f} MiB in {secs:.1f} s ({len(rows) / secs:.0f} ex/s)", flush=True)
+        return {**marker, "seconds": secs}
+
+
+def done_markers(root: str, key: str, set_id: str, n_shards: int) -> dict[int, dict]:
+    """Shards already written by an earlier (possibly killed) run, checked to exist."""
+    fs, base = store.filesystem(root)
+    done = {}
+    for i in range(n_shards):
+        path = store.join(base, key, set_id, f"shard-{i:05d}.json")
+        if store.exists(fs, path):
+            marker = store.read_json(fs, path)
+            if store.exists(fs, store.join(base, key, set_id, marker["file"])):
+                done[i] = marker
+    return done
+
+
+def run_cache_job(table: pa.Table, fields: dict, quantities: list[str], teacher_paths: list[str],
+                  task: str, width: int, num_outputs: int, cache_cfg, *, bf16: bool = True,
+                  use_gpu: bool = False) -> tuple[str, str]:
+    """Write the shard set holding `quantities` for this key; returns (key, set_id)."""
+    import ray
+
+    key = ckey.cache_key(fields)
+    sid = ckey.set_id(quantities, cache_cfg.dtype)
+    root = cache_cfg.root
+    fs, base = store.filesystem(root)
+    if not store.exists(fs, store.join(base, key, store.KEY_FILE)):
+        store.write_json(fs, store.join(base, key, store.KEY_FILE), fields)
+    columns = [c for q in quantities for c in columns_for(q, width, num_outputs, len(teacher_paths),
+                                                            cache_cfg.dtype)]
+    order = np.argsort(_lengths(table), kind="stable")
+    table = table.take(pa.array(order))
+    n_shards = -(-len(table) // cache_cfg.rows_per_shard)
+    done = done_markers(root, key, sid, n_shards)
+    todo = [i for i in range(n_shards) if i not in done]
+    print(f"[raykd cache] {key}: {len(table)} rows, {n_shards} shards ({len(done)} already done), "
+          f"quantities {quantities}", flush=True)
+    t0 = time.perf_counter()
+    if todo:
+        gpus = 1 if use_gpu else 0
+        cpus = max(1, int(ray.cluster_resources().get("CPU", 1)) // cache_cfg.concurrency)
+        cpus = min(cpus, int(ray.available_resources().get("CPU", cpus)) or 1)
+        ds = ray.data.from_items([{"shard": i} for i in todo], override_num_blocks=len(todo))
+        results = ds.map_batches(
+            ShardWriter, batch_size=1, compute=ray.data.ActorPoolStrategy(size=cache_cfg.concurrency),
+            num_cpus=0 if gpus else cpus, num_gpus=gpus,
+            fn_constructor_kwargs=dict(
+                table_ref=[ray.put(table)], teacher_paths=teacher_paths, task=task,
+                columns=[c.__dict__ for c in columns], root=root, key=key, set_id=sid,
+                rows_per_shard=cache_cfg.rows_per_shard, batch_size=cache_cfg.batch_size,
+                num_threads=0 if gpus else cpus, bf16=bf16, use_gpu=use_gpu),
+        ).take_all()
+        for r in results:
+            done[int(r["index"])] = {k: _plain(r[k]) for k in ("index", "file", "rows", "bytes", "sha256")}
+    secs = time.perf_counter() - t0
+    manifest = {
+        "schema_version": SCHEMA_VERSION, "key": key, "set_id": sid, "quantities": quantities,
+        "dtype": cache_cfg.dtype, "rows": len(table), "rows_per_shard": cache_cfg.rows_per_shard,
+        "columns": {c.name: c.__dict__ for c in columns},
+        "shards": [done[i] for i in range(n_shards)],
+        "created": {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "host": socket.gethostname(),
+                    "seconds": round(secs, 2), "shards_computed": len(todo),
+                    "ray": ray.__version__, "pid": os.getpid()},
+    }
+    store.write_json(fs, store.join(base, key, sid, store.MANIFEST), manifest)
+    return key, sid
+
+
+def _lengths(table: pa.Table) -> np.ndarray:
+    return table.column("input_ids").combine_chunks().value_lengths().to_numpy()
+
+
+def _plain(v):
+    return v.item() if hasattr(v, "item") else v
+
+
