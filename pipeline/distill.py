@@ -40,6 +40,8 @@ def train_worker(ctx: dict[str, Any]) -> None:
     world, rank = ray.train.get_context().get_world_size(), ray.train.get_context().get_world_rank()
     torch.manual_seed(ctx["seed"])
     device = rtt.get_device()
+    if device.type == "cpu":  # Ray pins fractional-CPU workers to 1 thread; use the node's cores
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // ray.train.get_context().get_local_world_size()))
 
     model = models.build(ctx["model"], {t: v["num_outputs"] for t, v in tasks.items()})
     teacher = models.build(ctx["online_teacher"], {}) if ctx.get("online_teacher") else None
