@@ -97,6 +97,12 @@ class DataConfig:
         _check(self.max_len >= 8, f"max_len={self.max_len} is too small (use >= 8, e.g. 128)")
         _check(self.train_limit >= 0 and self.dev_limit >= 0, "limits must be >= 0 (0 = all)")
         _check(self.sampling_alpha > 0, "sampling_alpha must be > 0 (1 = proportional)")
+        from pipeline.tasks import get_task, make_task
+
+        custom = {d.name: make_task(d.name, d.text_columns, d.label_column, d.labels, d.kind)
+                  for d in self.custom_tasks}
+        for name in self.tasks:
+            get_task(name, custom)  # unknown task -> ConfigError with a suggestion
 
 
 @dataclass(frozen=True)
@@ -185,6 +191,9 @@ class StudentConfig:
 class StageConfig:
     name: str = "distill"
     losses: dict[str, float] = field(default_factory=lambda: {"kd": 1.0})  # loss -> weight
+    tasks: tuple[str, ...] = ()  # tasks this stage trains on (() = all of data.tasks)
+    unlabeled: bool = False  # task-agnostic: train on unlabeled text (data.unlabeled_path or pooled)
+    from_stage: str = ""  # start from this earlier stage's student ("" = the previous stage)
     temperature: float = 1.0  # for kd
     layer_map: str = "uniform"  # uniform | last | explicit (student layer -> teacher layer)
     layer_map_explicit: tuple[int, ...] = ()
@@ -202,6 +211,9 @@ class StageConfig:
         _check(any(w > 0 for w in self.losses.values()), "losses: at least one weight > 0")
         _one_of(self.layer_map, ("uniform", "last", "explicit"), "layer_map")
         _check(self.temperature > 0 and self.supcon_temperature > 0, "temperatures must be > 0")
+        label_losses = {"hard", "supcon"} & {k for k, w in self.losses.items() if w > 0}
+        _check(not (self.unlabeled and label_losses),
+               f"unlabeled stage cannot use label losses {sorted(label_losses)}")
 
 
 def _default_stages() -> tuple[StageConfig, ...]:
@@ -221,6 +233,32 @@ class DistillConfig:
 
     def __post_init__(self) -> None:
         _check(len(self.stages) >= 1, "stages must list at least one stage")
+        names = [s.name for s in self.stages]
+        _check(len(set(names)) == len(names), f"stage names must be unique, got {names}")
+        for i, st in enumerate(self.stages):
+            _check(not st.from_stage or st.from_stage in names[:i],
+                   f"stages.{i}.from_stage={st.from_stage!r} must name an earlier stage {names[:i]}")
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    space: dict[str, Any] = field(default_factory=dict)  # dotted key -> list (choice) or {low, high[, log]}
+    num_samples: int = 8
+    scheduler: str = "asha"  # asha (early stopping) | fifo (every trial to the end)
+    searcher: str = "random"  # random | optuna (TPE; multi-objective with latency_objective)
+    metric: str = "dev_main"
+    mode: str = "max"
+    latency_objective: bool = False  # also minimise measured latency (Pareto search)
+    max_concurrent: int = 0  # 0 = from the cluster's CPUs/GPUs
+    grace_period: int = 1  # ASHA: epochs before a trial may be stopped
+    storage_path: str = ""  # "" = <run dir>/sweep; may be a URI
+    constraints: dict[str, float] = field(default_factory=dict)  # e.g. {"latency_bs1_ms": 10}
+
+    def __post_init__(self) -> None:
+        _one_of(self.scheduler, ("asha", "fifo"), "scheduler")
+        _one_of(self.searcher, ("random", "optuna"), "searcher")
+        _one_of(self.mode, ("max", "min"), "mode")
+        _check(self.num_samples >= 1 and self.max_concurrent >= 0, "num_samples >= 1, max_concurrent >= 0")
 
 
 @dataclass(frozen=True)
@@ -232,6 +270,18 @@ class Config:
     cache: CacheConfig = field(default_factory=CacheConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
+
+    def __post_init__(self) -> None:
+        for i, st in enumerate(self.distill.stages):
+            extra = set(st.tasks) - set(self.data.tasks)
+            _check(not extra, f"distill.stages.{i}.tasks lists {sorted(extra)}, which are not in "
+                   f"data.tasks {list(self.data.tasks)}")
+        if self.student.arch == "bilstm":
+            bad = [n for st in self.distill.stages for n, w in st.losses.items() if w > 0 and n not in
+                   ("hard", "kd", "soft_ce", "logit_mse")]
+            _check(not bad, f"student.arch=bilstm has no internals to match; losses {bad} need a "
+                   "Transformer student (use hard, kd, soft_ce, logit_mse)")
 
 
 # ---------------------------------------------------------------- building from dicts

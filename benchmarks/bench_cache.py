@@ -1,0 +1,154 @@
+"""Teacher-output cache benchmark, side by side in one run:
+
+1. cache job (Ray Data, teacher actor) vs a plain single-process PyTorch loop running the same
+   teacher over the same length-sorted batches in the same dtype (target >= 0.85x);
+   examples/s and the fraction of the machine's measured bf16 matmul peak;
+2. bytes per example per quantity, and the MLKD 3-layer spec total vs naive fp32 storage
+   padded to max_len (target <= 0.3x with fp16; int8 lower);
+3. read throughput of the cache into padded training batches vs the student's training
+   throughput (target >= 10x).
+
+  python -m benchmarks.bench_cache --teacher runs/sst2_default/teacher/sst2 [--rows 0]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline import data, models
+from pipeline.batching import length_sorted_batches, list_lengths
+from pipeline.cache import store
+from pipeline.cache.build import ensure_cache, run_fields
+from pipeline.cache.compute import teacher_columns
+from pipeline.cache.reader import collate_teacher, columns_of, plan_sets, read_shard
+from pipeline.cache.schema import columns_for
+from pipeline.config import load
+from pipeline.encoder import EncoderClassifier
+from pipeline.ray_runtime import init_ray
+
+MLKD3 = ["logits", "cls", "embeddings", "hidden_2", "hidden_4", "hidden_6", "attn_2", "attn_4", "attn_6"]
+
+
+def bf16_peak_gflops(n: int = 2048, reps: int = 10) -> float:
+    a, b = torch.randn(n, n, dtype=torch.bfloat16), torch.randn(n, n, dtype=torch.bfloat16)
+    a @ b
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e9
+
+
+def plain_teacher_loop(teacher: Path, table, quantities, cfg) -> float:
+    model = EncoderClassifier.load(teacher).eval()
+    cols = [c for q in quantities for c in columns_for(q, model.config.hidden_size, 2, 1, "float16")]
+    order = np.argsort(list_lengths(table.column("input_ids")), kind="stable")
+    sorted_table = table.take(order)
+    t0 = time.perf_counter()
+    for start in range(0, len(sorted_table), cfg.cache.rows_per_shard):
+        teacher_columns([model], sorted_table.slice(start, cfg.cache.rows_per_shard), "sst2", cols,
+                        cfg.cache.batch_size, torch.device("cpu"), True)
+    return len(table) / (time.perf_counter() - t0)
+
+
+def teacher_flops_per_example(teacher: Path, mean_tokens: float) -> float:
+    cfg = EncoderClassifier.load(teacher).config
+    d, f, L = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
+    per_token = L * (2 * (4 * d * d + 2 * d * f)) + L * 4 * d * mean_tokens  # matmuls + attention
+    return per_token * mean_tokens
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--teacher", required=True)
+    ap.add_argument("--rows", type=int, default=0, help="SST-2 train rows (0 = all 67,349)")
+    ap.add_argument("--student-ex-s", type=float, default=0.0,
+                    help="student training examples/s to compare reading against (0 = measure)")
+    args = ap.parse_args()
+    teacher = Path(args.teacher)
+    root = tempfile.mkdtemp(prefix="bench_cache_")
+    cfg = load(None, [f"cache.root={root}", f"teacher.path={teacher}", f"data.train_limit={args.rows}"])
+    init_ray(cfg.ray)
+    fields, frame = run_fields(cfg, [teacher], "sst2", "train")
+    from transformers import AutoTokenizer
+    table = data.tokenize_frame(frame, AutoTokenizer.from_pretrained(str(teacher)), cfg.data.max_len)
+    lengths = list_lengths(table.column("input_ids"))
+    print(f"SST-2 train rows: {len(table)}, mean tokens {lengths.mean():.1f}, max_len {cfg.data.max_len}")
+
+    peak = bf16_peak_gflops()
+    plain = plain_teacher_loop(teacher, table, MLKD3, cfg)
+    t0 = time.perf_counter()
+    key = ensure_cache(cfg, [teacher], "sst2", "train", MLKD3)
+    job = len(table) / (time.perf_counter() - t0)
+    flops = teacher_flops_per_example(teacher, lengths.mean())
+    print("\n== cache job vs plain loop (same teacher, batches, bf16) ==")
+    print(f"plain PyTorch loop : {plain:8.1f} examples/s")
+    print(f"Ray Data cache job : {job:8.1f} examples/s (end to end, incl. start-up and writes)")
+    print(f"ratio              : {job / plain:8.3f}x (target >= 0.85x)")
+    print(f"bf16 matmul peak   : {peak:8.1f} GFLOP/s; cache job reaches {job * flops / 1e9 / peak * 100:.1f}%"
+          f" of it ({job * flops / 1e9:.1f} GFLOP/s of teacher matmuls)")
+
+    sets = plan_sets(root, key, MLKD3)
+    manifest = sets[0][0].manifest
+    total_bytes = sum(s["bytes"] for s in manifest["shards"])
+    d = EncoderClassifier.load(teacher).config.hidden_size
+    token_q = [q for q in MLKD3 if q not in ("logits", "cls")]
+    naive = len(table) * (cfg.data.max_len * d * 4 * len(token_q) + (d + 2) * 4)
+    print("\n== storage (MLKD 3-layer spec) ==")
+    per_q = {q: lengths.mean() * d * 2 for q in token_q} | {"cls": d * 2, "logits": 2 * 2 * 4}
+    for q, b in per_q.items():
+        print(f"  {q:11s} {b / 1024:8.2f} KiB/example (raw fp16, real tokens only)")
+    print(f"on disk (fp16, zstd)  : {total_bytes / 2**20:9.1f} MiB = {total_bytes / len(table) / 1024:.1f} KiB/example")
+    print(f"naive fp32 padded     : {naive / 2**20:9.1f} MiB; ratio {total_bytes / naive:.3f}x (target <= 0.3x)")
+    cfg8 = load(None, [f"cache.root={root}", f"teacher.path={teacher}", f"data.train_limit={args.rows}",
+                       "cache.dtype=int8"])
+    key8 = ensure_cache(cfg8, [teacher], "sst2", "train", token_q[:1])
+    m8 = plan_sets(root, key8, token_q[:1])[0][0].manifest
+    fp16_one = sum(s["bytes"] for s in plan_sets(root, key, token_q[:1])[0][0].manifest["shards"])
+    int8_one = sum(s["bytes"] for s in m8["shards"])
+    print(f"int8 (per-token scale): embeddings set {int8_one / 2**20:.1f} MiB incl. inputs "
+          f"(fp16 set with all quantities: {fp16_one / 2**20:.1f} MiB)")
+
+    print("\n== reading into padded training batches ==")
+    cols = columns_of(sets)
+    t0, n = time.perf_counter(), 0
+    for i in range(len(manifest["shards"])):
+        shard = read_shard(root, key, sets[0][0], i, None)
+        for s in range(0, len(shard), 32):
+            collate_teacher(shard.slice(s, 32), cols)
+            n += min(32, len(shard) - s)
+    read_rate = n / (time.perf_counter() - t0)
+    student = args.student_ex_s or measure_student(teacher, table)
+    print(f"cache read + collate : {read_rate:8.1f} examples/s (one process)")
+    print(f"student training     : {student:8.1f} examples/s (3 layers, bf16, MLKD stage-1 losses)")
+    print(f"ratio                : {read_rate / student:8.1f}x (target >= 10x)")
+    json.dump({"plain": plain, "job": job, "bytes": total_bytes, "naive": naive, "read": read_rate,
+               "student": student}, open(Path(root) / "bench.json", "w"))
+    store.delete(root, key)
+
+
+def measure_student(teacher: Path, table) -> float:
+    from pipeline.config import StudentConfig
+    from pipeline.batching import collate_inputs
+    student = models.transformer_student(StudentConfig(), str(teacher), {"sst2": 2}).train()
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-4, fused=True)
+    t0, n = time.perf_counter(), 0
+    for i in range(0, 1600, 32):
+        b = collate_inputs(table.slice(i, 32))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            f = student(b["input_ids"], b["attention_mask"], b["token_type_ids"], "sst2")
+            loss = torch.nn.functional.cross_entropy(f.logits.float(), b["labels"])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        n += 32
+    return n / (time.perf_counter() - t0)
+
+
+if __name__ == "__main__":
+    main()

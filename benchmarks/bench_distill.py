@@ -1,0 +1,90 @@
+"""Distillation throughput, measured side by side in one run with the real training loop:
+
+  cached : MLKD stage-1 losses (embedding + MHA relations, hidden MSE) + soft KL, teacher
+           outputs read from the cache
+  none   : the same student trained on labels only (no teacher signal), same rows and batch
+  online : the same losses with the teacher forward in the loop
+Targets: cached/none >= 0.9x; cached/online >= 90% of the bound
+(teacher forward + student step) / student step, the bound measured here too.
+
+  python -m benchmarks.bench_distill --teacher runs/sst2_default/teacher/sst2 [--rows 4000]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer
+
+from pipeline import data
+from pipeline.batching import collate_inputs
+from pipeline.config import load
+from pipeline.encoder import EncoderClassifier
+from pipeline.objective import make_plan
+from pipeline.ray_runtime import init_ray
+from pipeline.stages import distill_student
+
+LOSSES = "{emb_relation: 1, mha_relation: 1, hidden_mse: 1, kd: 1}"
+STUDENTS = {"3x384": ["student.layers=3", "student.hidden=384", "student.heads=12", "student.ffn=1536"],
+            "2x192": ["student.layers=2", "student.hidden=192", "student.heads=4", "student.ffn=768"]}
+
+
+def rate(folder: Path) -> float:
+    return json.loads((folder / "metrics.json").read_text())["train_examples_per_s"]
+
+
+def teacher_forward_rate(teacher: Path, cfg, student_layers: int, rows: int) -> float:
+    """Examples/s of the teacher forward alone (with the captures the losses need)."""
+    model = EncoderClassifier.load(teacher).eval()
+    plan = make_plan(cfg.distill.stages[0], student_layers, model.config.num_hidden_layers)
+    table = data.load_tokenized(cfg.data, "sst2", "train", AutoTokenizer.from_pretrained(str(teacher)))
+    t0, n = time.perf_counter(), 0
+    with torch.no_grad():
+        for i in range(0, min(rows, len(table)), 32):
+            b = collate_inputs(table.slice(i, 32))
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                model(b["input_ids"], b["attention_mask"], b["token_type_ids"], "sst2", plan.teacher)
+            n += len(b["labels"])
+    return n / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--teacher", required=True)
+    ap.add_argument("--rows", type=int, default=4000)
+    args = ap.parse_args()
+    teacher = Path(args.teacher).resolve()
+    tmp = Path(tempfile.mkdtemp(prefix="bench_distill_"))
+    common = [f"teacher.path={teacher}", f"cache.root={tmp}/cache", f"data.train_limit={args.rows}",
+              "data.dev_limit=200", f"run.output_dir={tmp}"]
+    stage = lambda losses: f"distill.stages=[{{name: s, losses: {losses}, optim: {{epochs: 1}}}}]"  # noqa: E731
+    init_ray(load(None, common).ray)
+    results = {}
+    for name, student in STUDENTS.items():
+        r = {}
+        for mode, extra in (("cached", [stage(LOSSES)]), ("none", [stage("{hard: 1}")]),
+                            ("online", [stage(LOSSES), "distill.online=true"])):
+            cfg = load(None, common + student + extra + [f"run.name={name}-{mode}"])
+            folder = distill_student(cfg, {"sst2": [teacher]}, build_cache=True)
+            r[mode] = rate(folder)
+        cfg = load(None, common + student + [stage(LOSSES)])
+        t_teacher = 1 / teacher_forward_rate(teacher, cfg, cfg.student.layers, args.rows)
+        t_student = 1 / r["none"]
+        r["bound"] = (t_teacher + t_student) / t_student
+        r["speedup"] = r["cached"] / r["online"]
+        results[name] = r
+        print(f"\n== student {name}, {args.rows} SST-2 rows, batch 32, bf16 ==")
+        print(f"cached distillation : {r['cached']:8.1f} ex/s")
+        print(f"no teacher signal   : {r['none']:8.1f} ex/s   cached/none = {r['cached'] / r['none']:.3f}x (target >= 0.9)")
+        print(f"online distillation : {r['online']:8.1f} ex/s   speed-up of cache = {r['speedup']:.2f}x")
+        print(f"bound (T fwd + S step)/S step = {r['bound']:.2f}x; reached {r['speedup'] / r['bound'] * 100:.0f}% (target >= 90%)")
+    (tmp / "bench_distill.json").write_text(json.dumps(results, indent=2))
+    print(f"\nraw numbers: {tmp / 'bench_distill.json'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,54 @@
+"""Per-batch padding and the multi-task batch schedule."""
+import numpy as np
+import pyarrow as pa
+from scipy import stats
+
+from pipeline.batching import collate_inputs, length_sorted_batches, pad_tokens, task_schedule
+
+
+def test_collate_pads_to_the_batch_longest_row():
+    table = pa.table({
+        "example_id": pa.array([7, 3], pa.int64()),
+        "input_ids": pa.array([[101, 5, 102], [101, 102]], pa.list_(pa.int32())),
+        "token_type_ids": pa.array([[0, 0, 0], [0, 0]], pa.list_(pa.int8())),
+        "label": pa.array([1, 0], pa.int64()),
+    })
+    b = collate_inputs(table)
+    assert b["input_ids"].tolist() == [[101, 5, 102], [101, 102, 0]]
+    assert b["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
+    assert b["example_id"].tolist() == [7, 3] and b["labels"].tolist() == [1, 0]
+
+
+def test_pad_tokens_with_width_keeps_row_order():
+    lengths = np.array([2, 1])
+    col = pa.array([[1, 2, 3, 4], [5, 6]], pa.list_(pa.float16()))
+    out = pad_tokens(col, lengths, width=2)
+    assert out.shape == (2, 2, 2)
+    assert out[0].tolist() == [[1, 2], [3, 4]] and out[1].tolist() == [[5, 6], [0, 0]]
+
+
+def test_length_sorted_batches_cover_every_row_once():
+    lengths = np.random.default_rng(0).integers(1, 50, 1000)
+    batches = length_sorted_batches(lengths, 64)
+    flat = np.concatenate(batches)
+    assert sorted(flat.tolist()) == list(range(1000))
+    assert all(np.all(np.diff(lengths[b]) >= 0) for b in batches)
+
+
+def test_proportional_schedule_is_mtdnn_pooling():
+    counts = {"a": 300, "b": 100, "c": 20}
+    sched = task_schedule(counts, alpha=1.0, seed=0)
+    assert {t: sched.count(t) for t in counts} == counts  # every batch exactly once
+    assert sched != task_schedule(counts, alpha=1.0, seed=1)  # reshuffled per epoch
+
+
+def test_temperature_sampling_follows_requested_proportions():
+    counts = {"a": 900, "b": 100}
+    alpha = 0.5
+    sched = task_schedule(counts, alpha=alpha, seed=0) + task_schedule(counts, alpha=alpha, seed=1)
+    p = np.array([900**alpha, 100**alpha]) / (900**alpha + 100**alpha)  # 0.75 / 0.25
+    observed = np.array([sched.count("a"), sched.count("b")])
+    chi2 = stats.chisquare(observed, p * len(sched))
+    assert chi2.pvalue > 0.001, (observed, p * len(sched))
+    # and clearly not the proportional 0.9 / 0.1
+    assert stats.chisquare(observed, np.array([0.9, 0.1]) * len(sched)).pvalue < 1e-6
