@@ -133,7 +133,7 @@ class TeacherConfig:
     mode: str = "single"  # single (one task) | multitask (shared encoder, a head per task)
     ensemble_size: int = 1  # members differing by seed/dropout (MT-DNN-KD)
     dropout: float = 0.1
-    optim: OptimConfig = field(default_factory=OptimConfig)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(epochs=2))
 
     def __post_init__(self) -> None:
         _one_of(self.mode, ("single", "multitask"), "mode")
@@ -222,7 +222,7 @@ def _default_stages() -> tuple[StageConfig, ...]:
         StageConfig(name="features", losses={"emb_relation": 1.0, "mha_relation": 1.0, "hidden_mse": 1.0},
                     optim=OptimConfig(lr=1e-4, epochs=1)),
         StageConfig(name="predictions", losses={"kd": 1.0, "hard": 1.0},
-                    optim=OptimConfig(lr=5e-5, epochs=3)),
+                    optim=OptimConfig(lr=5e-5, epochs=2)),
     )
 
 
@@ -253,8 +253,15 @@ class SweepConfig:
     grace_period: int = 1  # ASHA: epochs before a trial may be stopped
     storage_path: str = ""  # "" = <run dir>/sweep; may be a URI
     constraints: dict[str, float] = field(default_factory=dict)  # e.g. {"latency_bs1_ms": 10}
+    # added for pipeline/sweep.py:
+    cost_metric: str = "latency_bs1_ms"  # latency_bs1_ms | params: Pareto x-axis; latency_objective minimises it
+    reduction_factor: float = 2.0  # ASHA: a trial passes a rung only in the best 1/reduction_factor
+    latency_seq_len: int = 64  # tokens per example when timing a student at batch 1
 
     def __post_init__(self) -> None:
+        _one_of(self.cost_metric, ("latency_bs1_ms", "params"), "cost_metric")
+        _check(self.reduction_factor > 1, f"reduction_factor must be > 1 (e.g. 2), got {self.reduction_factor}")
+        _check(self.latency_seq_len >= 1 and self.grace_period >= 1, "latency_seq_len, grace_period >= 1")
         _one_of(self.scheduler, ("asha", "fifo"), "scheduler")
         _one_of(self.searcher, ("random", "optuna"), "searcher")
         _one_of(self.mode, ("max", "min"), "mode")
