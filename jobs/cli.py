@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 import traceback
 from typing import Callable
 
-from pipeline.config import Config, load, save
-from pipeline.errors import RaykdError
+from pipeline.config import Config, load, replace, save
+from pipeline.errors import ConfigError, RaykdError
 
 
 def parse(description: str, argv: list[str] | None = None,
@@ -25,7 +27,41 @@ def parse(description: str, argv: list[str] | None = None,
         extra(parser)
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     args = parser.parse_args(argv)
-    return load(args.config, args.overrides), args
+    return absolute_outputs(load(args.config, args.overrides)), args
+
+
+def absolute_outputs(cfg: Config) -> Config:
+    """run.output_dir and cache.root as absolute paths (URIs unchanged), so the driver and the
+    workers on every node mean the same place whatever their working directory."""
+    relative = {key: value for key, value in (("run.output_dir", cfg.run.output_dir),
+                                              ("cache.root", cfg.cache.root))
+                if "://" not in value and not os.path.isabs(value)}
+    return replace(cfg, {k: os.path.abspath(v) for k, v in relative.items()}) if relative else cfg
+
+
+def check_outputs_kept(cfg: Config, keys: tuple[str, ...]) -> None:
+    """In a job submitted with a working dir, the cwd is Ray's temporary copy of that dir on the
+    head node: refuse outputs there (they would not land where the job was submitted from)."""
+    if not _in_submitted_working_dir():
+        return
+    cwd = os.getcwd()
+    for key in keys:
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if "://" not in value and os.path.commonpath([cwd, value]) == cwd:
+            raise ConfigError(
+                f"{key}={value} is inside this job's temporary copy of the working dir ({cwd}), "
+                f"which Ray may delete once the job ends; pass a path every node shares, e.g. {key}=/shared/"
+                f"{os.path.relpath(value, cwd)}" + (" or a URI (s3://bucket/cache)" if key == "cache.root" else ""))
+
+
+def _in_submitted_working_dir() -> bool:
+    """True in the driver of a `ray job submit --working-dir ...` job (Ray sets this variable)."""
+    raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "")
+    try:
+        return bool(raw and json.loads(raw).get("runtime_env", {}).get("working_dir"))
+    except ValueError:
+        return False
 
 
 def main(run: Callable[[Config, argparse.Namespace], None], description: str,
@@ -59,7 +95,8 @@ def _our_error(e: BaseException) -> BaseException | None:
     return None
 
 
-def save_resolved(cfg: Config, run_dir) -> None:
-    """Every run keeps the exact config it ran with."""
+def save_resolved(cfg: Config, run_dir, outputs: tuple[str, ...] = ("run.output_dir", "cache.root")) -> None:
+    """Every run keeps the exact config it ran with (after checking its `outputs` will be kept)."""
+    check_outputs_kept(cfg, outputs)
     run_dir.mkdir(parents=True, exist_ok=True)
     save(cfg, run_dir / "config.yaml")

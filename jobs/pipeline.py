@@ -6,7 +6,7 @@ Every step reuses finished work, so rerunning after an interruption resumes.
 """
 import time
 
-from transformers import AutoTokenizer
+from transformers import AutoConfig, AutoTokenizer
 
 from jobs.cli import main, save_resolved
 from pipeline import data, models
@@ -14,32 +14,33 @@ from pipeline.cache.build import ensure_cache
 from pipeline.export import export_student
 from pipeline.ray_runtime import init_ray
 from pipeline.report import build_report, write_report
-from pipeline.stages import distill_student, required_quantities
-from pipeline.teacher import run_dir, teachers_by_task, train_teachers
+from pipeline.stages import build_caches, check_stages, distill_student, final_students
+from pipeline.teacher import base_model_path, run_dir, teachers_by_task, train_teachers
 
 
 def run(cfg, args) -> None:
     t0 = time.perf_counter()
     out = run_dir(cfg)
     save_resolved(cfg, out)
+    check_stages(cfg, AutoConfig.from_pretrained(cfg.teacher.path or base_model_path(cfg)))
     init_ray(cfg.ray, args.address)
     print(f"[raykd] 1/4 teacher(s) for {list(cfg.data.tasks)}", flush=True)
+    if cfg.teacher.ensemble_size == 1 and any("soft_ce" in s.losses for s in cfg.distill.stages):
+        print("[raykd] warning: soft_ce against an ensemble of 1 is plain soft-target distillation "
+              "(MT-DNN-KD wants teacher.ensemble_size >= 2)", flush=True)
     teachers = teachers_by_task(cfg, train_teachers(cfg))
     first = teachers[cfg.data.tasks[0]][0]
-    quantities = required_quantities(cfg, first)
-    print(f"[raykd] 2/4 cache: {quantities or 'nothing (online or no teacher losses)'}", flush=True)
-    dev_keys = {}
-    for task, folders in teachers.items():
-        if quantities and not cfg.distill.online:
-            ensure_cache(cfg, folders, task, "train", quantities)
-        dev_keys[task] = ensure_cache(cfg, folders, task, "dev", ["logits"])
+    print("[raykd] 2/4 cache: what the recipe's stages read, plus dev logits for the report", flush=True)
+    build_caches(cfg, teachers)
+    dev_keys = {task: ensure_cache(cfg, folders, task, "dev", ["logits"]) for task, folders in teachers.items()}
     print("[raykd] 3/4 student", flush=True)
-    final = distill_student(cfg, teachers)
+    distill_student(cfg, teachers)
+    students = final_students(cfg)
     print("[raykd] 4/4 export and report", flush=True)
     tokenizer = AutoTokenizer.from_pretrained(str(first))
-    tasks = [data.task_of(cfg.data, t) for t in cfg.data.tasks]
-    exported = export_student(models.load_model(final / "model"), tasks, first, out / "export")
-    report = build_report(cfg, final, first, dev_keys, tokenizer)
+    exported = [p for t in cfg.data.tasks for p in export_student(
+        models.load_model(students[t] / "model"), [data.task_of(cfg.data, t)], first, out / "export")]
+    report = build_report(cfg, students, {t: f[0] for t, f in teachers.items()}, dev_keys, tokenizer)
     report["wall_time_s"] = round(time.perf_counter() - t0, 1)
     report["export"] = [str(p) for p in exported]
     write_report(report, out)

@@ -5,7 +5,7 @@ from pipeline.teacher import run_dir, train_teachers
 
 
 def run(cfg, args) -> None:
-    save_resolved(cfg, run_dir(cfg))
+    save_resolved(cfg, run_dir(cfg), outputs=("run.output_dir",))  # no cache here
     init_ray(cfg.ray, args.address)
     for group, folders in train_teachers(cfg).items():
         for f in folders:

@@ -115,7 +115,6 @@ class OptimConfig:
     grad_clip: float = 1.0  # max grad norm; 0 = off
     bf16: bool = True  # autocast to bf16 where the device supports it
     max_steps: int = 0  # stop after N optimizer steps (0 = run all epochs)
-    evals_per_epoch: int = 1
 
     def __post_init__(self) -> None:
         _check(self.lr > 0, f"lr must be > 0, got {self.lr}")
@@ -123,7 +122,7 @@ class OptimConfig:
         _check(self.batch_size >= 1, "batch_size must be >= 1")
         _check(0 <= self.warmup_ratio < 1, "warmup_ratio must be in [0, 1)")
         _check(self.weight_decay >= 0 and self.grad_clip >= 0, "weight_decay/grad_clip >= 0")
-        _check(self.max_steps >= 0 and self.evals_per_epoch >= 1, "max_steps>=0, evals_per_epoch>=1")
+        _check(self.max_steps >= 0, "max_steps must be >= 0 (0 = all epochs)")
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ from pipeline.tasks import Task, get_task, make_task
 
 REPO = Path(__file__).resolve().parents[1]
 SPLITS = ("train", "dev")
+UNLABELED = "unlabeled"  # pseudo-task: task-agnostic text (data.unlabeled_path or pooled tasks)
 
 
 def custom_tasks(cfg: DataConfig) -> dict[str, Task]:
@@ -49,6 +50,10 @@ def load_frame(cfg: DataConfig, task_name: str, split: str) -> pd.DataFrame:
     """Rows of one task split: example_id, text_a, text_b, label."""
     if split not in SPLITS:
         raise DataError(f"unknown split {split!r}; use one of {SPLITS}")
+    if task_name == UNLABELED:
+        if split != "train":
+            raise DataError("unlabeled text has only a train split")
+        return load_unlabeled(cfg)
     task = task_of(cfg, task_name)
     limit = cfg.train_limit if split == "train" else cfg.dev_limit
     decl = next((d for d in cfg.custom_tasks if d.name == task_name), None)

@@ -5,6 +5,7 @@ all this loop: they differ only in the stage's losses and where `t_*` batch keys
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -15,18 +16,38 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from pipeline import evaluate, models
 from pipeline.batching import collate_inputs, task_schedule
 from pipeline.config import Config, StageConfig, from_dict
+from pipeline.ray_runtime import torch_config
 from pipeline.objective import build_projections, compute_loss, make_plan, teacher_batch
 
 STATE_FILE = "train_state.pt"
-PROJ_FILE = "projections.pt"
+NONFINITE_FILE = "nonfinite-rank{rank}.txt"  # in the run's storage folder; fit() raises it
+CRASH_ENV = "RAYKD_TEST_CRASH_AT_STEP"  # tests only: rank 0 exits once at this step
 
 
 class NonFiniteLoss(RuntimeError):
     pass
+
+
+class Trainee(nn.Module):
+    """The student and its learned projections. `forward` returns the stage's loss, so that DDP
+    sees every parameter it must synchronise (projections included) inside one forward call."""
+
+    def __init__(self, model: nn.Module, proj: nn.ModuleDict, stage: StageConfig, plan):
+        super().__init__()
+        self.model, self.proj, self.stage, self.plan = model, proj, stage, plan
+
+    def forward(self, batch: dict[str, torch.Tensor], task: str, kind: str):
+        head = task if task in self.model.tasks else None  # unlabeled text: no task head of its own
+        feats = self.model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"],
+                           head, self.plan.student)
+        with torch.autocast(feats.logits.device.type, enabled=False):  # losses in fp32, not bf16
+            return compute_loss(self.stage, self.plan, feats, batch, self.proj, kind,
+                                models.num_heads(self.model))
 
 
 def train_worker(ctx: dict[str, Any]) -> None:
@@ -43,24 +64,25 @@ def train_worker(ctx: dict[str, Any]) -> None:
     if device.type == "cpu":  # Ray pins fractional-CPU workers to 1 thread; use the node's cores
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // ray.train.get_context().get_local_world_size()))
 
-    model = models.build(ctx["model"], {t: v["num_outputs"] for t, v in tasks.items()})
+    model = models.build(ctx["model"], ctx["heads"])
     teacher = models.build(ctx["online_teacher"], {}) if ctx.get("online_teacher") else None
     plan = make_plan(stage, models.num_layers(model), ctx["teacher_layers"])
     proj = build_projections(stage, plan, models.width(model), ctx["teacher_width"])
-    trainee = torch.nn.ModuleDict({"model": model, "proj": proj})
     start_epoch, state = 0, None
     if (ckpt := ray.train.get_checkpoint()) is not None:  # resume after a failure
         with ckpt.as_directory() as d:
-            trainee.model = models.load_folder(Path(d) / "model", model)
+            models.load_folder(Path(d) / "model", model)
             state = torch.load(Path(d) / STATE_FILE, weights_only=False)
             proj.load_state_dict(state["proj"])
         start_epoch = state["epoch"] + 1
-    trainee = rtt.prepare_model(trainee, parallel_strategy_kwargs={"find_unused_parameters": True})
+    net = Trainee(model, proj, stage, plan)
+    trainee = rtt.prepare_model(net, parallel_strategy_kwargs={"find_unused_parameters": True})
     if teacher is not None:
         teacher.to(device).eval()
 
     per_worker = max(1, stage.optim.batch_size // world)
-    steps_per_epoch = sum(math.ceil(v["train_rows"] / world / per_worker) for v in tasks.values())
+    rows = {t: v["train_rows"] // world for t, v in tasks.items()}  # streaming_split(equal=True)
+    steps_per_epoch = sum(math.ceil(n / per_worker) for n in rows.values())
     total = stage.optim.max_steps or steps_per_epoch * stage.optim.epochs
     opt = torch.optim.AdamW(trainee.parameters(), lr=stage.optim.lr,
                             weight_decay=stage.optim.weight_decay, fused=device.type in ("cpu", "cuda"))
@@ -69,28 +91,24 @@ def train_worker(ctx: dict[str, Any]) -> None:
         opt.load_state_dict(state["opt"])
         sched.load_state_dict(state["sched"])
     amp = stage.optim.bf16 and evaluate.bf16_supported(device)
-    net = trainee.module if hasattr(trainee, "module") else trainee
-    step, best, log = (state or {}).get("step", 0), None, _Progress(rank, total)
+    step, log = (state or {}).get("step", 0), _Progress(rank, total)
 
     for epoch in range(start_epoch, stage.optim.epochs):
         trainee.train()
-        batches = _train_batches(tasks, per_worker, cfg.data.sampling_alpha, ctx["seed"] + epoch)
-        for task, table in batches:
+        log.begin_epoch()
+        for task, table in _train_batches(tasks, rows, per_worker, cfg.data.sampling_alpha,
+                                          ctx["seed"] + epoch):
             batch = {k: v.to(device) for k, v in _collate(table, ctx["cache_columns"]).items()}
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                 if teacher is not None:
                     with torch.no_grad():
+                        head = task if task in teacher.tasks else None
                         batch |= teacher_batch(teacher(batch["input_ids"], batch["attention_mask"],
-                                                       batch["token_type_ids"], task, plan.teacher), plan)
-                feats = trainee["model"](batch["input_ids"], batch["attention_mask"],
-                                         batch["token_type_ids"], task, plan.student) \
-                    if not hasattr(trainee, "module") else _ddp_forward(trainee, batch, task, plan)
-                loss, terms = compute_loss(stage, plan, feats, batch, net["proj"],
-                                           tasks[task]["kind"], models.num_heads(net["model"]))
-            if not torch.isfinite(loss):
-                raise NonFiniteLoss(f"non-finite loss at step {step} (epoch {epoch}, task {task}): "
-                                    f"{terms}; the last good checkpoint is kept — lower the lr "
-                                    "or disable bf16 (optim.bf16=false)")
+                                                       batch["token_type_ids"], head, plan.teacher), plan)
+                loss, terms = trainee(batch, task, tasks[task]["kind"])
+            if not _finite_on_every_rank(loss, world):  # all ranks stop at the same step
+                _record_nonfinite(ctx, rank, loss, step + 1, epoch, task, terms)
+                return
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if stage.optim.grad_clip > 0:
@@ -99,19 +117,46 @@ def train_worker(ctx: dict[str, Any]) -> None:
             sched.step()
             step += 1
             log.step(step, epoch, len(table), terms)
+            if rank == 0 and step == ctx.get("test_crash_at_step"):
+                _test_crash_once(Path(ctx["run_dir"]) / "test_crash.marker")
             if step >= total:
                 break
-        metrics = _evaluate_rank0(net["model"], ctx, rank, device, amp)
-        metrics |= {"epoch": epoch, "step": step, "train_examples_per_s": log.rate()}
-        _report(metrics, net, opt, sched, epoch, step, rank)
+        log.end_epoch()
+        losses = log.epoch_losses()
+        metrics = _evaluate_rank0(net.model, ctx, rank, device, amp, losses)
+        metrics |= {"epoch": epoch, "step": step, "train_examples_per_s": log.rate(),
+                    "first_step_unix": log.first_step_unix, **losses}
+        _report(metrics, net, opt, sched, epoch, step, start_epoch, rank)
         if step >= total:
             break
 
 
-def _ddp_forward(trainee, batch, task, plan):
-    # DDP must see the forward call to sync grads; ModuleDict has no forward, so call through it.
-    return trainee.module["model"](batch["input_ids"], batch["attention_mask"],
-                                   batch["token_type_ids"], task, plan.student)
+def _finite_on_every_rank(loss: torch.Tensor, world: int) -> bool:
+    ok = torch.isfinite(loss.detach()).to(torch.int32).reshape(1)
+    if world > 1:
+        torch.distributed.all_reduce(ok, op=torch.distributed.ReduceOp.MIN)
+    return bool(ok.item())
+
+
+def _record_nonfinite(ctx, rank, loss, step, epoch, task, terms) -> None:
+    """Leave the reason for fit() to raise: a worker exception would be retried by Ray Train
+    (FailureConfig) and fail the same way again."""
+    if torch.isfinite(loss.detach()):
+        return  # another rank's loss was the bad one; it writes the message
+    msg = (f"non-finite loss at step {step} (epoch {epoch}, task {task}, rank {rank}): "
+           + ", ".join(f"{k}={v:.4g}" for k, v in terms.items())
+           + "; the last good checkpoint is kept — lower the lr or disable bf16 (optim.bf16=false)")
+    print(f"[raykd] {msg}", flush=True)
+    (Path(ctx["run_dir"]) / NONFINITE_FILE.format(rank=rank)).write_text(msg)
+
+
+def _test_crash_once(marker: Path) -> None:
+    """Test hook (env RAYKD_TEST_CRASH_AT_STEP on the driver): kill this worker process once,
+    to exercise resume from the last checkpoint. The marker keeps the retry alive."""
+    if not marker.exists():
+        marker.write_text("crashed")
+        print(f"[raykd] test hook: worker exits at step as asked by {CRASH_ENV}", flush=True)
+        os._exit(1)
 
 
 def _collate(table, cache_columns: dict | None) -> dict[str, torch.Tensor]:
@@ -122,44 +167,51 @@ def _collate(table, cache_columns: dict | None) -> dict[str, torch.Tensor]:
     return batch
 
 
-def _train_batches(tasks: dict, per_worker: int, alpha: float, seed: int):
+def _train_batches(tasks: dict, rows: dict[str, int], per_worker: int, alpha: float, seed: int):
     """Yield (task, Arrow batch): one task per batch, interleaved by the task schedule."""
     import ray.train
 
     iters = {t: iter(ray.train.get_dataset_shard(f"train:{t}").iter_batches(
-        batch_size=per_worker, batch_format="pyarrow", local_shuffle_buffer_size=min(4096, v["train_rows"]),
-        local_shuffle_seed=seed, prefetch_batches=2)) for t, v in tasks.items()}
-    counts = {t: math.ceil(v["train_rows_per_worker"] / per_worker) for t, v in tasks.items()}
+        batch_size=per_worker, batch_format="pyarrow", local_shuffle_buffer_size=max(1, min(4096, rows[t])),
+        local_shuffle_seed=seed, prefetch_batches=2)) for t in tasks}
+    counts = {t: math.ceil(rows[t] / per_worker) for t in tasks}
     for task in task_schedule(counts, alpha, seed):
         table = next(iters[task], None)
         if table is not None and len(table):
             yield task, table
 
 
-def _evaluate_rank0(model, ctx: dict, rank: int, device, amp: bool) -> dict[str, float]:
+def _evaluate_rank0(model, ctx: dict, rank: int, device, amp: bool,
+                    losses: dict[str, float]) -> dict[str, float]:
+    """Dev metrics of the stage's labeled tasks; `dev_main` is their mean main metric. A stage on
+    unlabeled text has no dev metric: its `dev_main` is minus its mean training loss."""
     import ray.train
 
     if rank != 0:
         return {}
+    labeled = {t: info for t, info in ctx["tasks"].items() if info.get("metric")}
+    if not labeled:
+        return {"dev_main": -float(sum(losses.values()))}
     results: dict[str, float] = {}
-    for t, info in ctx["tasks"].items():
+    for t, info in labeled.items():
         shard = ray.train.get_dataset_shard(f"dev:{t}")
         batches = (_collate(tb, None) for tb in shard.iter_batches(batch_size=128, batch_format="pyarrow"))
         results |= evaluate.evaluate_task(model, batches, t, info["kind"], device, amp, prefix=f"{t}/")
-    mains = [results[f"{t}/{info['metric']}"] for t, info in ctx["tasks"].items()]
+    mains = [results[f"{t}/{info['metric']}"] for t, info in labeled.items()]
     results["dev_main"] = float(np.mean(mains))
     return results
 
 
-def _report(metrics, net, opt, sched, epoch, step, rank) -> None:
+def _report(metrics, net, opt, sched, epoch, step, start_epoch, rank) -> None:
     import ray.train
 
     with tempfile.TemporaryDirectory() as d:
         ckpt = None
         if rank == 0:
-            models.save_folder(net["model"], Path(d) / "model")
+            models.save_folder(net.model, Path(d) / "model")
             torch.save({"opt": opt.state_dict(), "sched": sched.state_dict(), "epoch": epoch,
-                        "step": step, "proj": net["proj"].state_dict()}, Path(d) / STATE_FILE)
+                        "step": step, "start_epoch": start_epoch,  # > 0: this attempt resumed
+                        "proj": net.proj.state_dict()}, Path(d) / STATE_FILE)
             ckpt = ray.train.Checkpoint.from_directory(d)
             print(f"[raykd] epoch {epoch} step {step} dev " + " ".join(
                 f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float)), flush=True)
@@ -172,15 +224,24 @@ def _warmup_decay(total: int, warmup_ratio: float):
 
 
 class _Progress:
-    """One line every ~20 s from rank 0: step, epoch, loss terms, examples/s."""
+    """One line every ~20 s from rank 0: step, epoch, loss terms, examples/s; and each loss
+    term's mean over the epoch for the epoch's metrics."""
 
     def __init__(self, rank: int, total: int, every_s: float = 20.0):
         self.rank, self.total, self.every = rank, total, every_s
-        self.t0 = self.last = time.perf_counter()
+        self.t_begin = self.last = time.perf_counter()
+        self.train_s = 0.0  # time inside training epochs only (evaluation and checkpoints excluded)
         self.examples = 0
+        self.first_step_unix = 0.0  # wall clock after the first step: sweeps measure start-up
+        self.sums: dict[str, float] = {}
+        self.steps = 0
 
     def step(self, step: int, epoch: int, n: int, terms: dict[str, float]) -> None:
         self.examples += n
+        self.steps += 1
+        self.first_step_unix = self.first_step_unix or time.time()
+        for k, v in terms.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
         now = time.perf_counter()
         if self.rank == 0 and (now - self.last > self.every or step == 1):
             self.last = now
@@ -188,8 +249,23 @@ class _Progress:
             print(f"[raykd] step {step}/{self.total} epoch {epoch} {loss} "
                   f"{self.rate():.0f} ex/s/worker", flush=True)
 
+    def begin_epoch(self) -> None:
+        self.t_begin = time.perf_counter()
+
+    def end_epoch(self) -> None:
+        self.train_s += time.perf_counter() - self.t_begin
+        self.t_begin = None
+
     def rate(self) -> float:
-        return self.examples / max(1e-9, time.perf_counter() - self.t0)
+        """Training examples/s of this worker, evaluation and checkpointing excluded."""
+        running = time.perf_counter() - self.t_begin if self.t_begin is not None else 0.0
+        return self.examples / max(1e-9, self.train_s + running)
+
+    def epoch_losses(self) -> dict[str, float]:
+        """{"loss/<term>": mean over this epoch's steps (this rank)}; starts the next epoch."""
+        out = {f"loss/{k}": v / max(1, self.steps) for k, v in self.sums.items()}
+        self.sums, self.steps = {}, 0
+        return out
 
 
 # ------------------------------------------------------------------------------ driver side
@@ -198,43 +274,55 @@ class _Progress:
 def fit(cfg: Config, stage: StageConfig, model_spec: dict, tasks: dict[str, dict],
         datasets: dict, out_dir: str | Path, *, teacher_layers: int, teacher_width: int,
         cache_columns: dict | None = None, online_teacher: dict | None = None,
-        seed: int | None = None) -> dict[str, Any]:
+        seed: int | None = None, callbacks: tuple = (), heads: dict[str, int] | None = None
+        ) -> dict[str, Any]:
     """Run the loop on a TorchTrainer; copy the best checkpoint's model to out_dir/model.
 
+    heads: task -> outputs of the model's heads (default: the trained tasks'); a student keeps
+    heads for every task of the recipe, also in stages that train on a subset or unlabeled text.
     datasets: {"train:<task>": ray Dataset, "dev:<task>": ray Dataset}. Returns the best
     checkpoint's metrics. The output folder appears only when training has finished.
+    callbacks: Ray Train callbacks, e.g. one forwarding each report to Ray Tune (sweeps).
     """
     import ray.train
     from ray.train.torch import TorchTrainer
 
     out_dir = Path(out_dir).resolve()
+    run_dir = out_dir.parent / ".ray_train" / f"{out_dir.name}_train"  # Ray Train's storage
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for stale in run_dir.glob(NONFINITE_FILE.format(rank="*")):
+        stale.unlink()
+    heads = heads or {t: v["num_outputs"] for t, v in tasks.items()}
     ctx = {"config": _plain(cfg), "stage": _plain(stage), "model": model_spec, "tasks": tasks,
+           "heads": heads,
            "teacher_layers": teacher_layers, "teacher_width": teacher_width,
            "cache_columns": cache_columns, "online_teacher": online_teacher,
-           "seed": cfg.run.seed if seed is None else seed}
+           "seed": cfg.run.seed if seed is None else seed, "run_dir": str(run_dir),
+           "test_crash_at_step": int(os.environ.get(CRASH_ENV, 0)) or None}
     trainer = TorchTrainer(
-        train_worker, train_loop_config=ctx,
+        train_worker, train_loop_config=ctx, torch_config=torch_config(),
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
             resources_per_worker={"CPU": cfg.ray.cpus_per_worker, **({"GPU": 1} if cfg.ray.use_gpu else {})}),
         datasets=datasets,
-        dataset_config=ray.train.DataConfig(datasets_to_split=[k for k in datasets if k.startswith("train:")]),
+        dataset_config=ray.train.DataConfig(
+            datasets_to_split=[k for k in datasets if k.startswith("train:")]),
         run_config=ray.train.RunConfig(
-            name=out_dir.name + "_train", storage_path=str(out_dir.parent / ".ray_train"),
+            name=run_dir.name, storage_path=str(run_dir.parent),
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=2, checkpoint_score_attribute="dev_main", checkpoint_score_order="max"),
-            failure_config=ray.train.FailureConfig(max_failures=2)),
+            failure_config=ray.train.FailureConfig(max_failures=2), callbacks=list(callbacks)),
     )
-    result = trainer.fit()
-    if result.error:
-        raise result.error
+    result = trainer.fit()  # raises when workers keep failing after max_failures retries
+    if reasons := sorted(run_dir.glob(NONFINITE_FILE.format(rank="*"))):
+        raise NonFiniteLoss(reasons[0].read_text())
     best = result.get_best_checkpoint(metric="dev_main", mode="max") or result.checkpoint
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     with best.as_directory() as d:
         shutil.copytree(Path(d) / "model", tmp / "model")
     metrics = dict(_best_metrics(result, best))
-    (tmp / "metrics.json").write_text(__import__("json").dumps(metrics, indent=2))
+    (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
     shutil.rmtree(out_dir, ignore_errors=True)
     os.replace(tmp, out_dir)
     return metrics

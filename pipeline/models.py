@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import BertConfig, BertModel
+from transformers import AutoConfig, BertConfig, BertModel
 
 from pipeline.config import StudentConfig, from_dict
 from pipeline.encoder import EncoderClassifier, pretrained_encoder
@@ -40,7 +40,8 @@ def load_model(folder: str | Path) -> nn.Module:
     if (folder / BILSTM_MARKER).is_file():
         from pipeline.students.bilstm import BiLSTMClassifier
         return BiLSTMClassifier.load(folder)
-    return EncoderClassifier.load(folder)
+    # the head dropout is not saved separately; it is the encoder's (see transformer_student)
+    return EncoderClassifier.load(folder, AutoConfig.from_pretrained(folder).hidden_dropout_prob)
 
 
 def save_folder(model: nn.Module, folder: str | Path) -> None:
@@ -84,7 +85,8 @@ def transformer_student(scfg: StudentConfig, source: str, tasks: dict[str, int])
         num_attention_heads=scfg.heads, intermediate_size=scfg.ffn,
         max_position_embeddings=t_cfg.max_position_embeddings, type_vocab_size=t_cfg.type_vocab_size,
         hidden_dropout_prob=scfg.dropout, attention_probs_dropout_prob=scfg.dropout,
-        pad_token_id=t_cfg.pad_token_id, attn_implementation="sdpa")
+        pad_token_id=t_cfg.pad_token_id, attn_implementation="sdpa",
+        hidden_act=t_cfg.hidden_act, layer_norm_eps=t_cfg.layer_norm_eps)  # as the copied layers
     student = BertModel(cfg, add_pooling_layer=True)
     if scfg.hidden == t_cfg.hidden_size:
         student.embeddings.load_state_dict(src_enc.embeddings.state_dict())
@@ -105,6 +107,9 @@ def transformer_student(scfg: StudentConfig, source: str, tasks: dict[str, int])
 def init_layers(scfg: StudentConfig, n_teacher: int) -> list[int]:
     """1-based teacher layers that seed student layers 1..L_S."""
     if scfg.init == "first":
+        if scfg.layers > n_teacher:
+            raise ValueError(f"student.init=first: the student has {scfg.layers} layers, the teacher "
+                             f"only {n_teacher}; use init=explicit with student.init_layers")
         return list(range(1, scfg.layers + 1))
     if scfg.init == "explicit":
         return map_layers(scfg.layers, n_teacher, "explicit", scfg.init_layers)
@@ -113,7 +118,12 @@ def init_layers(scfg: StudentConfig, n_teacher: int) -> list[int]:
 
 @torch.no_grad()
 def pca_projection(weight: torch.Tensor, dim: int) -> torch.Tensor:
-    """[D_t, dim] projection onto the top principal directions of the rows of `weight`."""
+    """[D_t, dim] map of the rows of `weight` to width `dim`: the top principal directions when
+    dim <= D_t; else a fixed random map with orthonormal rows, which keeps every dot product."""
+    if dim > weight.shape[1]:
+        gen = torch.Generator().manual_seed(0)
+        q, _ = torch.linalg.qr(torch.randn(dim, weight.shape[1], generator=gen))  # [dim, D_t]
+        return q.T.contiguous()
     centered = weight.float() - weight.float().mean(0, keepdim=True)
     _, _, vh = torch.linalg.svd(centered, full_matrices=False)
     return vh[:dim].T.contiguous()
@@ -121,7 +131,7 @@ def pca_projection(weight: torch.Tensor, dim: int) -> torch.Tensor:
 
 @torch.no_grad()
 def project_embeddings(src: nn.Module, dst: nn.Module) -> None:
-    """Word/position/type embeddings projected to the student width (PCA of the word table)."""
+    """Word/position/type embeddings mapped to the student width (see `pca_projection`)."""
     proj = pca_projection(src.word_embeddings.weight, dst.word_embeddings.weight.shape[1])
     for name in ("word_embeddings", "position_embeddings", "token_type_embeddings"):
         getattr(dst, name).weight.copy_(getattr(src, name).weight.float() @ proj)

@@ -17,6 +17,7 @@ from torch import nn
 from pipeline import losses as L
 from pipeline.config import StageConfig
 from pipeline.encoder import Capture, Features
+from pipeline.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -30,11 +31,18 @@ class Plan:
     needs_cls: bool
 
 
+LAYER_LOSSES = ("hidden_mse", "mha_relation", "qkv_relation", "attention_mse")
+INTERNAL_LOSSES = LAYER_LOSSES + ("emb_relation",)
+
+
 def make_plan(stage: StageConfig, n_student: int, n_teacher: int) -> Plan:
     names = {k for k, w in stage.losses.items() if w > 0}
-    mapping = tuple(L.map_layers(n_student, n_teacher, stage.layer_map, stage.layer_map_explicit))
+    # map layers only when a loss reads them (a BiLSTM may have more layers than the teacher)
+    mapping = tuple(L.map_layers(n_student, n_teacher, stage.layer_map, stage.layer_map_explicit)) \
+        if names & set(LAYER_LOSSES) else ()
     s_layers = tuple(range(1, n_student + 1))
-    top = ((n_student,), (mapping[-1],))  # MiniLMv2: last student layer <- its mapped teacher layer
+    t_layers = tuple(sorted(set(mapping)))  # an explicit map may use a teacher layer twice
+    top = ((n_student,), (mapping[-1],)) if mapping else ((), ())  # MiniLMv2: last <- its mapped
     hidden = "hidden_mse" in names
     attn = "mha_relation" in names
     qkv_s = tuple(sorted(set((top[0] if "qkv_relation" in names else ())
@@ -45,11 +53,40 @@ def make_plan(stage: StageConfig, n_student: int, n_teacher: int) -> Plan:
         layer_map=mapping,
         student=Capture(embeddings="emb_relation" in names, hidden=s_layers if hidden else (),
                         attn=s_layers if attn else (), qkv=qkv_s),
-        teacher=Capture(embeddings="emb_relation" in names, hidden=mapping if hidden else (),
-                        attn=mapping if attn else (), qkv=qkv_t),
+        teacher=Capture(embeddings="emb_relation" in names, hidden=t_layers if hidden else (),
+                        attn=t_layers if attn else (), qkv=qkv_t),
         needs_logits=bool(names & {"kd", "soft_ce", "logit_mse"}),
         needs_cls=bool(names & {"sample_relation", "supcon"}),
     )
+
+
+def check_stage(stage: StageConfig, arch: str, student_heads: int, student_width: int,
+                teacher_heads: int, teacher_width: int) -> None:
+    """Fail before any work when the stage's losses cannot fit these student/teacher shapes."""
+    names = {k for k, w in stage.losses.items() if w > 0}
+    where = f"stage {stage.name!r}"
+    if arch == "bilstm":
+        inner = sorted(names & set(INTERNAL_LOSSES))
+        if inner:
+            raise ConfigError(f"{where}: the BiLSTM student has no layers to match for {inner}; "
+                              "use kd, soft_ce, logit_mse, hard, sample_relation or supcon")
+        return
+    if "mha_relation" in names:
+        splits = stage.relation_splits or student_heads
+        if teacher_heads % splits or student_width % splits:
+            raise ConfigError(
+                f"{where}: mha_relation splits the attention outputs into {splits} chunks "
+                f"(relation_splits={stage.relation_splits}, 0 = the student's {student_heads} heads), "
+                f"which must divide the teacher's {teacher_heads} heads and the student's width "
+                f"{student_width}; set relation_splits to a divisor of {teacher_heads}")
+    if "qkv_relation" in names and (student_width % stage.relation_heads
+                                    or teacher_width % stage.relation_heads):
+        raise ConfigError(f"{where}: qkv_relation's relation_heads={stage.relation_heads} must divide "
+                          f"the student width {student_width} and the teacher width {teacher_width}")
+    if "attention_mse" in names and student_heads != teacher_heads:
+        raise ConfigError(f"{where}: attention_mse compares per-head attention maps and needs the "
+                          f"student's head count ({student_heads}) to equal the teacher's "
+                          f"({teacher_heads}); use mha_relation or qkv_relation for other head counts")
 
 
 def teacher_quantities(plan: Plan) -> list[str]:
@@ -107,8 +144,8 @@ def _term(name: str, stage: StageConfig, plan: Plan, s: Features, b: dict, proj:
         return L.logit_mse(s.logits, b["t_logits"])
     pairs = list(zip(range(1, len(plan.layer_map) + 1), plan.layer_map))
     if name == "hidden_mse":
-        return torch.stack([L.hidden_mse(proj[f"hidden_{n}"](s.hidden[n]), b[f"t_hidden_{t}"], mask)
-                            for n, t in pairs]).mean()
+        return torch.stack([L.hidden_mse(proj[f"hidden_{n}"](s.hidden[n].float()), b[f"t_hidden_{t}"],
+                                         mask) for n, t in pairs]).mean()
     if name == "emb_relation":
         return L.token_relation_kl(s.embeddings, b["t_embeddings"], mask)
     if name == "mha_relation":
@@ -126,20 +163,24 @@ def _term(name: str, stage: StageConfig, plan: Plan, s: Features, b: dict, proj:
     if name == "sample_relation":
         return L.sample_relation_kl(s.cls, b["t_cls"])
     if name == "supcon":
-        s_cls = proj["cls"](s.cls) if "cls" in proj else s.cls
+        s_cls = proj["cls"](s.cls.float()) if "cls" in proj else s.cls
         labels = score_bins(b["labels"]) if regression else b["labels"]
         return L.supcon_loss(s_cls, b["t_cls"], labels, stage.supcon_temperature)
     raise KeyError(name)
 
 
 def teacher_batch(feats: Features, plan: Plan) -> dict[str, torch.Tensor]:
-    """An online teacher forward -> the same `t_*` batch keys the cache reader produces."""
-    out = {"t_logits": feats.logits.float(), "t_probs": feats.logits.float().softmax(-1),
-           "t_cls": feats.cls}
+    """An online teacher forward -> the same `t_*` batch keys the cache reader gives for
+    `teacher_quantities(plan)` (single teacher: `t_probs` is its softmax)."""
+    out = {}
+    if plan.needs_logits:
+        out |= {"t_logits": feats.logits.float(), "t_probs": feats.logits.float().softmax(-1)}
+    if plan.needs_cls:
+        out["t_cls"] = feats.cls
     if feats.embeddings is not None:
         out["t_embeddings"] = feats.embeddings
     out.update({f"t_hidden_{i}": v for i, v in feats.hidden.items()})
     out.update({f"t_attn_{i}": v for i, v in feats.attn.items()})
     for i, (q, k, v) in feats.qkv.items():
         out.update({f"t_q_{i}": q, f"t_k_{i}": k, f"t_v_{i}": v})
-    return {k: v.detach() for k, v in out.items()}
+    return {k: v.detach().float() for k, v in out.items()}

@@ -27,6 +27,7 @@ def init_ray(cfg: RayConfig, address: str = "") -> str:
     if target:
         ray.init(address=target, logging_level=logging.WARNING)
     else:
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # gloo's pair sockets on loopback too
         ray.init(num_cpus=cfg.num_cpus or None, include_dashboard=False,
                  _node_ip_address="127.0.0.1", logging_level=logging.WARNING)
     _quiet_ray_data()
@@ -46,3 +47,56 @@ def cluster_has_gpus() -> bool:
     import ray
 
     return ray.cluster_resources().get("GPU", 0) > 0
+
+
+def torch_config():
+    """Ray Train's TorchConfig, but rank 0's rendezvous store listens on the node's Ray address
+    only: torch's TCPStore otherwise binds every interface (`*:port`), which breaks a cluster
+    kept on 127.0.0.1 and exposes the port on real clusters."""
+    from dataclasses import dataclass
+
+    from ray.train.torch import TorchConfig
+    from ray.train.torch.config import _TorchBackend
+
+    class _NodeAddressStoreBackend(_TorchBackend):
+        def on_start(self, worker_group, backend_config):
+            import ray.train.torch.config as tc
+
+            original = tc.get_address_and_port
+            tc.get_address_and_port = _serve_store_on_node_address  # runs on worker 0
+            try:
+                super().on_start(worker_group, backend_config)
+            finally:
+                tc.get_address_and_port = original
+
+    @dataclass
+    class NodeAddressTorchConfig(TorchConfig):
+        @property
+        def backend_cls(self):
+            return _NodeAddressStoreBackend
+
+    return NodeAddressTorchConfig()
+
+
+_STORES: list = []  # keeps rank 0's store (and its socket) alive in the worker process
+
+
+def _serve_store_on_node_address() -> tuple[str, int]:
+    """On rank 0: a TCPStore server on a socket bound to this node's Ray address; torch's
+    rendezvous then connects to it as a client (TORCHELASTIC_USE_AGENT_STORE)."""
+    import datetime
+    import socket
+
+    import ray
+    from torch.distributed import TCPStore
+
+    addr = ray.util.get_node_ip_address()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind((addr, 0))
+    sock.listen(128)
+    port = sock.getsockname()[1]
+    store = TCPStore(addr, port, is_master=True, master_listen_fd=sock.fileno(),
+                     wait_for_workers=False, timeout=datetime.timedelta(seconds=1800))
+    _STORES.append((sock, store))
+    os.environ["TORCHELASTIC_USE_AGENT_STORE"] = "True"
+    return addr, port

@@ -19,16 +19,15 @@ def dev_batches(table, batch_size: int = 128):
         yield collate_inputs(table.slice(i, batch_size))
 
 
-def build_report(cfg: Config, student_dir: Path, teacher_dir: Path, dev_cache_keys: dict[str, str],
-                 tokenizer, latency_seq_len: int = 64, min_time_s: float = 1.0) -> dict:
-    """Compare the student in `student_dir/model` with the teacher folder, task by task."""
-    student = models.load_model(student_dir / "model")
-    teacher = models.load_model(teacher_dir)
+def build_report(cfg: Config, students: dict[str, Path], teachers: dict[str, Path],
+                 dev_cache_keys: dict[str, str], tokenizer, latency_seq_len: int = 64,
+                 min_time_s: float = 1.0) -> dict:
+    """Per task: the task's final student (`<folder>/model`) against its teacher folder."""
     cpu = torch.device("cpu")
-    report: dict = {"student": {**models.describe(student), "path": str(student_dir)},
-                    "teacher": {**models.describe(teacher), "path": str(teacher_dir)}, "tasks": {}}
+    report: dict = {"tasks": {}}
     for task in cfg.data.tasks:
         t = data.task_of(cfg.data, task)
+        student = models.load_model(students[task] / "model")
         dev = data.load_tokenized(cfg.data, task, "dev", tokenizer)
         s_out, labels, ids = evaluate.predict(student, dev_batches(dev), task, cpu, amp=True)
         cached = read_cache(cfg.cache.root, dev_cache_keys[task], ["logits"])
@@ -37,9 +36,14 @@ def build_report(cfg: Config, student_dir: Path, teacher_dir: Path, dev_cache_ke
         t_out = t_logits[[order[int(e)] for e in ids]]
         report["tasks"][task] = {
             "student": compute_metrics(t, s_out, labels), "teacher": compute_metrics(t, t_out, labels),
-            "agreement": evaluate.agreement(s_out, t_out)}
-    lat_s = evaluate.latency_table(student, latency_seq_len, cfg.data.tasks[0], min_time_s=min_time_s)
-    lat_t = evaluate.latency_table(teacher, latency_seq_len, cfg.data.tasks[0], min_time_s=min_time_s)
+            "agreement": evaluate.agreement(s_out, t_out), "student_path": str(students[task])}
+    first = cfg.data.tasks[0]
+    student = models.load_model(students[first] / "model")
+    teacher = models.load_model(teachers[first])
+    report["student"] = {**models.describe(student), "path": str(students[first])}
+    report["teacher"] = {**models.describe(teacher), "path": str(teachers[first])}
+    lat_s = evaluate.latency_table(student, latency_seq_len, first, min_time_s=min_time_s)
+    lat_t = evaluate.latency_table(teacher, latency_seq_len, first, min_time_s=min_time_s)
     report["latency_ms"] = {"seq_len": latency_seq_len, "student": lat_s, "teacher": lat_t,
                             "speedup": {k: lat_t[k] / lat_s[k] for k in lat_s}}
     report["params_ratio"] = report["student"]["params"] / report["teacher"]["params"]

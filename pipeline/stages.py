@@ -17,7 +17,8 @@ from pipeline.cache.key import cache_key, check_fields
 from pipeline.cache.reader import cache_dataset, columns_of, plan_sets
 from pipeline.config import Config, to_dict
 from pipeline.distill import fit
-from pipeline.objective import make_plan, teacher_quantities
+from pipeline.errors import ConfigError
+from pipeline.objective import check_stage, make_plan, teacher_quantities
 from pipeline.teacher import base_model_path, run_dir
 
 
@@ -36,21 +37,53 @@ def cache_for(cfg: Config, teachers: list[Path], task: str, quantities: list[str
     return key
 
 
-def required_quantities(cfg: Config, teacher: Path) -> list[str]:
-    """Everything the recipe's stages read from the cache (the pipeline caches exactly this)."""
+def cache_needs(cfg: Config, teacher: Path) -> dict[str, list[str]]:
+    """Train-set quantities each task (or unlabeled text) needs over all of the recipe's stages."""
+    if cfg.distill.online:
+        return {}
     t_cfg = AutoConfig.from_pretrained(str(teacher))
-    out: list[str] = []
+    needs: dict[str, list[str]] = {}
     for stage in cfg.distill.stages:
-        plan = make_plan(stage, cfg.student.layers, t_cfg.num_hidden_layers)
-        out += [q for q in teacher_quantities(plan) if q not in out]
+        quantities = teacher_quantities(make_plan(stage, cfg.student.layers, t_cfg.num_hidden_layers))
+        for task in [data.UNLABELED] if stage.unlabeled else (stage.tasks or cfg.data.tasks):
+            if quantities:
+                have = needs.setdefault(task, [])
+                have += [q for q in quantities if q not in have]
+    return needs
+
+
+def required_quantities(cfg: Config, teacher: Path) -> list[str]:
+    """Everything the recipe's stages read from the cache, over all tasks."""
+    out: list[str] = []
+    for quantities in cache_needs(cfg, teacher).values():
+        out += [q for q in quantities if q not in out]
     return out
 
 
+def build_caches(cfg: Config, teachers_by_task: dict[str, list[Path]]) -> dict[str, str]:
+    """Cache exactly what the recipe's stages need (one cache job per task, only missing
+    quantities); returns task -> train cache key."""
+    first = teachers_by_task[cfg.data.tasks[0]]
+    keys = {}
+    for task, quantities in cache_needs(cfg, first[0]).items():
+        print(f"[raykd] cache for {task}: {quantities}", flush=True)
+        keys[task] = ensure_cache(cfg, teachers_by_task.get(task, first), task, "train", quantities)
+    return keys
+
+
+def check_stages(cfg: Config, teacher_config) -> None:
+    """Every stage fits the student and a teacher of this shape (HF config); clear errors."""
+    for stage in cfg.distill.stages:
+        check_stage(stage, cfg.student.arch, cfg.student.heads, cfg.student.hidden,
+                    teacher_config.num_attention_heads, teacher_config.hidden_size)
+
+
 def distill_student(cfg: Config, teachers_by_task: dict[str, list[Path]], *,
-                    build_cache: bool = False) -> Path:
+                    build_cache: bool = False, callbacks: tuple = ()) -> Path:
     """Run every stage of cfg.distill; returns the final student folder (model + metrics).
 
     teachers_by_task: the teacher folder(s) (ensemble members) whose outputs each task reads.
+    callbacks: Ray Train callbacks passed to every stage's trainer (sweeps forward reports to Tune).
     """
     teacher = teachers_by_task[cfg.data.tasks[0]][0]
     t_cfg = AutoConfig.from_pretrained(str(teacher))
@@ -58,39 +91,63 @@ def distill_student(cfg: Config, teachers_by_task: dict[str, list[Path]], *,
     source = str(teacher) if cfg.student.init_from == "teacher" else base_model_path(cfg)
     spec: dict = {"kind": "student", "student": to_dict(cfg.student), "source": source,
                   "pair_tasks": [t for t in cfg.data.tasks if data.task_of(cfg.data, t).is_pair]}
+    check_stages(cfg, t_cfg)  # fail before any cache or training work
+    others = {t: [str(p) for p in teachers_by_task[t]] for t in cfg.data.tasks
+              if [Path(p) for p in teachers_by_task[t]] != [Path(teacher)]}
+    if cfg.distill.online and others:
+        raise ConfigError("distill.online=true runs one teacher folder in the loop for every task; "
+                          f"these tasks have other teachers or an ensemble: {others}. "
+                          "Use the cache (distill.online=false) for per-task teachers and ensembles")
     out = student_dir(cfg)
+    heads = {t: data.task_of(cfg.data, t).num_outputs for t in cfg.data.tasks}
+    done: dict[str, dict] = {}  # stage name -> spec of its best student
+    final_by_task: dict[str, str] = {}
     for i, stage in enumerate(cfg.distill.stages):
         folder = out / f"stage{i}-{stage.name}"
+        start = done[stage.from_stage] if stage.from_stage else spec
+        spec = {"kind": "folder", "path": str(folder / "model")}
+        done[stage.name] = spec
+        train_tasks = [data.UNLABELED] if stage.unlabeled else list(stage.tasks or cfg.data.tasks)
+        final_by_task |= {t: str(folder) for t in train_tasks if t != data.UNLABELED}
         if (folder / "metrics.json").is_file():
             print(f"[raykd] {folder} finished earlier; reusing it", flush=True)
-            spec = {"kind": "folder", "path": str(folder / "model")}
             continue
         plan = make_plan(stage, cfg.student.layers, t_cfg.num_hidden_layers)
         quantities = teacher_quantities(plan)
         info, datasets, columns = {}, {}, {}
-        for task in cfg.data.tasks:
-            t = data.task_of(cfg.data, task)
+        for task in train_tasks:
+            teachers = teachers_by_task.get(task, teachers_by_task[cfg.data.tasks[0]])
             if cfg.distill.online or not quantities:
                 train = data.load_tokenized(cfg.data, task, "train", tokenizer)
                 datasets[f"train:{task}"], rows = data.to_ray(train), len(train)
             else:
-                key = cache_for(cfg, teachers_by_task[task], task, quantities, build_cache)
+                key = cache_for(cfg, teachers, task, quantities, build_cache)
                 sets = plan_sets(cfg.cache.root, key, quantities)
                 columns |= columns_of(sets)
                 datasets[f"train:{task}"] = cache_dataset(cfg.cache.root, key, quantities)
                 rows = sets[0][0].manifest["rows"]
-            datasets[f"dev:{task}"] = data.to_ray(data.load_tokenized(cfg.data, task, "dev", tokenizer))
-            info[task] = {"kind": t.kind, "num_outputs": t.num_outputs, "metric": t.metrics[0],
-                          "train_rows": rows, "train_rows_per_worker": rows // cfg.ray.num_workers}
+            info[task] = {"kind": "unlabeled", "num_outputs": 0, "metric": None, "train_rows": rows,
+                          "train_rows_per_worker": rows // cfg.ray.num_workers}
+            if task != data.UNLABELED:
+                t = data.task_of(cfg.data, task)
+                datasets[f"dev:{task}"] = data.to_ray(data.load_tokenized(cfg.data, task, "dev", tokenizer))
+                info[task] |= {"kind": t.kind, "num_outputs": t.num_outputs, "metric": t.metrics[0]}
         online = {"kind": "folder", "path": str(teacher)} if cfg.distill.online and quantities else None
-        print(f"[raykd] student stage {i} ({stage.name}): losses {stage.losses}, "
+        print(f"[raykd] student stage {i} ({stage.name}) on {train_tasks}: losses {stage.losses}, "
               f"{'online teacher' if online else 'cached ' + str(quantities)}", flush=True)
-        fit(cfg, stage, spec, info, datasets, folder, teacher_layers=t_cfg.num_hidden_layers,
-            teacher_width=t_cfg.hidden_size, cache_columns=columns or None, online_teacher=online)
+        fit(cfg, stage, start, info, datasets, folder, teacher_layers=t_cfg.num_hidden_layers,
+            teacher_width=t_cfg.hidden_size, cache_columns=columns or None, online_teacher=online,
+            callbacks=callbacks, heads=heads)
         tokenizer.save_pretrained(folder / "model")
-        spec = {"kind": "folder", "path": str(folder / "model")}
     final = Path(spec["path"]).parent
-    (out / "final.json").write_text(json.dumps({"student": str(final)}, indent=2))
+    (out / "final.json").write_text(json.dumps({"student": str(final), "by_task": final_by_task},
+                                               indent=2))
     return final
+
+
+def final_students(cfg: Config) -> dict[str, Path]:
+    """Per task, the folder of the last stage that trained on it (after distill_student)."""
+    record = json.loads((student_dir(cfg) / "final.json").read_text())
+    return {t: Path(p) for t, p in record["by_task"].items()}
 
 

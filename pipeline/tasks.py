@@ -235,7 +235,7 @@ def get_task(name: str, custom: Mapping[str, Task] | None = None) -> Task:
     hint = _did_you_mean(str(name), known)
     raise ConfigError(
         f"unknown task {name!r}{hint}; known tasks: {', '.join(sorted(known))}. "
-        "To use your own data, declare the task with make_task()"
+        "To use your own data, declare the task under data.custom_tasks (or with make_task())"
     )
 
 

@@ -47,7 +47,10 @@ def ensure_cache(cfg: Config, teachers: list[Path], task: str, split: str,
     tokenizer = AutoTokenizer.from_pretrained(str(teachers[0]))
     table = data.tokenize_frame(frame, tokenizer, cfg.data.max_len)
     tcfg = AutoConfig.from_pretrained(str(teachers[0]))
-    task_obj = data.task_of(cfg.data, task)
+    if task == data.UNLABELED:  # logits of unlabeled text come from the teacher's first head
+        num_outputs = next(iter(read_meta(teachers[0])["tasks"].values()))
+    else:
+        num_outputs = data.task_of(cfg.data, task).num_outputs
     run_cache_job(table, fields, missing, [str(t) for t in teachers], task, tcfg.hidden_size,
-                  task_obj.num_outputs, cfg.cache, use_gpu=cfg.ray.use_gpu)
+                  num_outputs, cfg.cache, use_gpu=cfg.ray.use_gpu)
     return key

@@ -27,10 +27,16 @@ def capture_for(quantities: list[str]) -> Capture:
 
 
 def quantize_int8(x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """Per-token symmetric int8: x [n, d] -> (int8 [n, d], scale fp16 [n])."""
-    scale = x.abs().amax(-1).clamp_min(1e-8) / 127.0
-    q = torch.round(x / scale[:, None]).clamp_(-127, 127).to(torch.int8)
-    return q.numpy(), scale.half().numpy()
+    """Per-token symmetric int8: x [n, d] -> (int8 [n, d], scale fp16 [n]); |x - q*scale| <= scale/2.
+
+    The scale is rounded to fp16 *before* quantizing, so the stored scale is the one used (a
+    rounded scale applied afterwards adds up to 127 * its rounding error). Floored at fp16's
+    smallest normal number: all-zero tokens stay finite and the rounding stays relative.
+    """
+    tiny = torch.finfo(torch.float16).tiny
+    scale = (x.abs().amax(-1) / 127.0).clamp_min(tiny).half()
+    q = torch.round(x / scale.float()[:, None]).clamp_(-127, 127).to(torch.int8)
+    return q.numpy(), scale.numpy()
 
 
 @torch.no_grad()
@@ -47,9 +53,10 @@ def teacher_columns(members: list[EncoderClassifier], table: pa.Table, task: str
         b = collate_inputs(table.slice(start, batch_size))
         mask = b["attention_mask"].bool()
         inputs = (b["input_ids"].to(device), b["attention_mask"].to(device), b["token_type_ids"].to(device))
+        head = task if task in members[0].tasks else None  # unlabeled text: any head
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            feats = members[0](*inputs, task, cap)
-            logits = [feats.logits.float()] + [m(*inputs, task).logits.float() for m in members[1:]]
+            feats = members[0](*inputs, head, cap)
+            logits = [feats.logits.float()] + [m(*inputs, head).logits.float() for m in members[1:]]
         stacked = torch.stack(logits)  # [K, B, C]
         vectors = {"logits": stacked.mean(0), "probs": stacked.softmax(-1).mean(0),
                    "member_logits": stacked.permute(1, 0, 2).reshape(stacked.shape[1], -1),

@@ -35,7 +35,13 @@ def plan_sets(root: str, key: str, quantities: list[str]) -> list[tuple[ShardSet
             f"cache {key} under {root} lacks {missing}; it holds {cached}. Add them with "
             f"`python -m jobs.cache <same config> {_override_hint(missing)}` (only the new "
             "quantities are computed) or let `python -m jobs.pipeline` compute what a recipe needs")
-    return list(chosen.values())
+    plan = list(chosen.values())
+    cuts = {(len(st.manifest["shards"]), st.manifest["rows_per_shard"]) for st, _ in plan}
+    if len(cuts) > 1:
+        raise CacheError(f"cache {key} under {root}: shard sets {[st.set_id for st, _ in plan]} are "
+                         f"cut into different shards {sorted(cuts)} and cannot be read together; "
+                         f"delete the cache (`python -m jobs.cache --delete {key}`) and rebuild")
+    return plan
 
 
 def _override_hint(missing: list[str]) -> str:
@@ -74,11 +80,13 @@ def read_shard(root: str, key: str, st: ShardSet, index: int, columns: list[str]
     fs, base = store.filesystem(root)
     info = st.manifest["shards"][index]
     path = store.join(base, key, st.set_id, info["file"])
+    fix = (f"check the whole cache with `python -m jobs.cache cache.root={root} --verify {key}`, "
+           f"then `--delete {key}` and rebuild")
     if not store.exists(fs, path):
-        raise CacheError(f"{path}: shard missing; run `python -m jobs.cache verify` and rebuild")
+        raise CacheError(f"{path}: shard missing; {fix}")
     data = store.read_bytes(fs, path)
     if store.sha256(data) != info["sha256"]:
-        raise CacheError(f"{path}: checksum mismatch (corrupt shard); delete the cache and rebuild")
+        raise CacheError(f"{path}: checksum mismatch (corrupt shard); {fix}")
     return pq.read_table(io.BytesIO(data), columns=columns)
 
 

@@ -21,6 +21,7 @@ from pipeline.cache import store
 from pipeline.cache.schema import SCHEMA_VERSION, Column, columns_for
 
 PARQUET_OPTS = {"compression": "zstd", "compression_level": 1, "use_dictionary": False}
+SHARD_FIELDS = ("index", "file", "rows", "bytes", "sha256")  # a shard's entry in the manifest
 
 
 class ShardWriter:
@@ -65,7 +66,8 @@ class ShardWriter:
         folder = store.join(base, self.key, self.set_id)
         name = f"shard-{index:05d}-{digest[:8]}.parquet"
         store.write_atomic(fs, store.join(folder, name), data)
-        marker = {"index": index, "file": name, "rows": len(rows), "bytes": len(data), "sha256": digest}
+        marker = {"index": index, "file": name, "rows": len(rows), "bytes": len(data), "sha256": digest,
+                  "rows_per_shard": self.rows}
         store.write_json(fs, store.join(folder, f"shard-{index:05d}.json"), marker)
         secs = time.perf_counter() - t0
         print(f"[raykd cache] {self.key} shard {index + 1}/{self.n_shards}: {len(rows)} rows, "
@@ -73,17 +75,29 @@ class ShardWriter:
         return {**marker, "seconds": secs}
 
 
-def done_markers(root: str, key: str, set_id: str, n_shards: int) -> dict[int, dict]:
-    """Shards already written by an earlier (possibly killed) run, checked to exist."""
+def done_markers(root: str, key: str, set_id: str, n_shards: int, rows_per_shard: int) -> dict[int, dict]:
+    """Shards already written by an earlier (possibly killed) run, checked to exist.
+
+    A marker counts only if it was cut with the same rows_per_shard: shard i of another
+    run holds other rows, and reusing it would silently drop and duplicate examples.
+    """
     fs, base = store.filesystem(root)
     done = {}
     for i in range(n_shards):
         path = store.join(base, key, set_id, f"shard-{i:05d}.json")
         if store.exists(fs, path):
             marker = store.read_json(fs, path)
-            if store.exists(fs, store.join(base, key, set_id, marker["file"])):
+            if (marker.get("rows_per_shard") == rows_per_shard
+                    and store.exists(fs, store.join(base, key, set_id, marker["file"]))):
                 done[i] = marker
     return done
+
+
+def shard_rows(root: str, key: str, wanted: int) -> int:
+    """rows_per_shard of the key's committed sets (a new set must cut the same shards to stay
+    aligned row for row with them), else `wanted`."""
+    sets = store.committed_sets(root, key)
+    return sets[0].manifest["rows_per_shard"] if sets else wanted
 
 
 def run_cache_job(table: pa.Table, fields: dict, quantities: list[str], teacher_paths: list[str],
@@ -102,11 +116,12 @@ def run_cache_job(table: pa.Table, fields: dict, quantities: list[str], teacher_
                                                             cache_cfg.dtype)]
     order = np.argsort(_lengths(table), kind="stable")
     table = table.take(pa.array(order))
-    n_shards = -(-len(table) // cache_cfg.rows_per_shard)
-    done = done_markers(root, key, sid, n_shards)
+    rows_per_shard = shard_rows(root, key, cache_cfg.rows_per_shard)
+    n_shards = -(-len(table) // rows_per_shard)
+    done = done_markers(root, key, sid, n_shards, rows_per_shard)
     todo = [i for i in range(n_shards) if i not in done]
-    print(f"[raykd cache] {key}: {len(table)} rows, {n_shards} shards ({len(done)} already done), "
-          f"quantities {quantities}", flush=True)
+    print(f"[raykd cache] {key}: {len(table)} rows, {n_shards} shards of {rows_per_shard} rows "
+          f"({len(done)} already done), quantities {quantities}", flush=True)
     t0 = time.perf_counter()
     if todo:
         gpus = 1 if use_gpu else 0
@@ -119,17 +134,17 @@ def run_cache_job(table: pa.Table, fields: dict, quantities: list[str], teacher_
             fn_constructor_kwargs=dict(
                 table_ref=[ray.put(table)], teacher_paths=teacher_paths, task=task,
                 columns=[c.__dict__ for c in columns], root=root, key=key, set_id=sid,
-                rows_per_shard=cache_cfg.rows_per_shard, batch_size=cache_cfg.batch_size,
+                rows_per_shard=rows_per_shard, batch_size=cache_cfg.batch_size,
                 num_threads=0 if gpus else cpus, bf16=bf16, use_gpu=use_gpu),
         ).take_all()
         for r in results:
-            done[int(r["index"])] = {k: _plain(r[k]) for k in ("index", "file", "rows", "bytes", "sha256")}
+            done[int(r["index"])] = {k: _plain(r[k]) for k in SHARD_FIELDS}
     secs = time.perf_counter() - t0
     manifest = {
         "schema_version": SCHEMA_VERSION, "key": key, "set_id": sid, "quantities": quantities,
-        "dtype": cache_cfg.dtype, "rows": len(table), "rows_per_shard": cache_cfg.rows_per_shard,
+        "dtype": cache_cfg.dtype, "rows": len(table), "rows_per_shard": rows_per_shard,
         "columns": {c.name: c.__dict__ for c in columns},
-        "shards": [done[i] for i in range(n_shards)],
+        "shards": [{k: done[i][k] for k in SHARD_FIELDS} for i in range(n_shards)],
         "created": {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "host": socket.gethostname(),
                     "seconds": round(secs, 2), "shards_computed": len(todo),
                     "ray": ray.__version__, "pid": os.getpid()},
