@@ -98,7 +98,8 @@ def train_worker(ctx: dict[str, Any]) -> None:
         log.begin_epoch()
         for task, table in _train_batches(tasks, rows, per_worker, cfg.data.sampling_alpha,
                                           ctx["seed"] + epoch):
-            batch = {k: v.to(device) for k, v in _collate(table, ctx["cache_columns"]).items()}
+            columns = (ctx["cache_columns"] or {}).get(task)  # per task: heads differ in width
+            batch = {k: v.to(device) for k, v in _collate(table, columns).items()}
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                 if teacher is not None:
                     with torch.no_grad():
@@ -125,10 +126,20 @@ def train_worker(ctx: dict[str, Any]) -> None:
         losses = log.epoch_losses()
         metrics = _evaluate_rank0(net.model, ctx, rank, device, amp, losses)
         metrics |= {"epoch": epoch, "step": step, "train_examples_per_s": log.rate(),
-                    "first_step_unix": log.first_step_unix, **losses}
+                    "first_step_unix": log.first_step_unix, **losses,
+                    "placement_group": _placement_group_id()}
         _report(metrics, net, opt, sched, epoch, step, start_epoch, rank)
         if step >= total:
             break
+
+
+def _placement_group_id() -> str:
+    """This run's placement group, reported so that a sweep can free it when Tune kills the
+    run (Train's own cleanup after a killed controller needs the dashboard's state API)."""
+    import ray.util
+
+    pg = ray.util.get_current_placement_group()
+    return pg.id.hex() if pg is not None else ""
 
 
 def _finite_on_every_rank(loss: torch.Tensor, world: int) -> bool:
@@ -273,7 +284,7 @@ class _Progress:
 
 def fit(cfg: Config, stage: StageConfig, model_spec: dict, tasks: dict[str, dict],
         datasets: dict, out_dir: str | Path, *, teacher_layers: int, teacher_width: int,
-        cache_columns: dict | None = None, online_teacher: dict | None = None,
+        cache_columns: dict[str, dict] | None = None, online_teacher: dict | None = None,
         seed: int | None = None, callbacks: tuple = (), heads: dict[str, int] | None = None
         ) -> dict[str, Any]:
     """Run the loop on a TorchTrainer; copy the best checkpoint's model to out_dir/model.

@@ -123,7 +123,7 @@ def distill_student(cfg: Config, teachers_by_task: dict[str, list[Path]], *,
             else:
                 key = cache_for(cfg, teachers, task, quantities, build_cache)
                 sets = plan_sets(cfg.cache.root, key, quantities)
-                columns |= columns_of(sets)
+                columns[task] = columns_of(sets)
                 datasets[f"train:{task}"] = cache_dataset(cfg.cache.root, key, quantities)
                 rows = sets[0][0].manifest["rows"]
             info[task] = {"kind": "unlabeled", "num_outputs": 0, "metric": None, "train_rows": rows,

@@ -309,7 +309,8 @@ def test_every_loss_over_two_chained_stages(tiny_teacher, shared_cache, tmp_path
     out = tmp_path / "sst2" / "student"
     folders = [out / "stage0-features", out / "stage1-predictions"]
     assert final == folders[1]
-    assert json.loads((out / "final.json").read_text()) == {"student": str(folders[1])}
+    assert json.loads((out / "final.json").read_text()) == {
+        "student": str(folders[1]), "by_task": {"sst2": str(folders[1])}}
     for folder, losses in zip(folders, (FEATURE_LOSSES, PREDICTION_LOSSES)):
         metrics = json.loads((folder / "metrics.json").read_text())
         assert metrics["step"] == 4 and metrics["epoch"] == 0  # 64 rows / batch 16
