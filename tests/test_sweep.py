@@ -1,0 +1,315 @@
+"""Sweeps: the search space and its constraints (no Ray), then one real sweep end to end.
+
+The end-to-end test runs `python -m jobs.sweep` (real Ray Tune, Ray Train and the Arrow cache)
+on a tiny random teacher and a synthetic task in GLUE's SST-2 format: a sentence is positive
+when it holds "great", negative when it holds "awful", among filler words. A good learning rate
+learns that within one epoch and a tiny one does not, so ASHA has something to stop. The sweep
+is interrupted after two trials, the teacher's weights are deleted, and the same command
+resumes it: finished trials are not rerun and no trial ever loads the teacher.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from pipeline.config import load, to_dict
+from pipeline.errors import ConfigError
+from pipeline.sweep_space import ConstrainedSearch, Constraints, check_satisfiable, make_space
+from tests.conftest import make_tiny_teacher
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPE = "jobs/configs/sweep_tiny.yaml"  # 4 trials: heads [2, 3] x lr [1e-2, 1e-6], 2 epochs
+GOOD_LR, BAD_LR = 1e-2, 1e-6
+LR_KEY = "distill.stages.0.optim.lr"
+FILLER = ("the movie film story plot actors music scenes ending script was is a an and with very "
+          "quite rather really").split()
+
+
+def write_toy_glue(folder: Path, n_train: int = 512, n_dev: int = 32) -> Path:
+    """<folder>/sst2/{train,dev}.tsv in GLUE's format: the label is which cue word is present.
+    With 512 rows (32 steps of 16) the recipe's good lr reaches 100% dev accuracy in one epoch."""
+    for split, n, seed in (("train", n_train, 0), ("dev", n_dev, 1)):
+        rng = random.Random(seed)
+        path = folder / "sst2" / f"{split}.tsv"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "w", newline="") as f:
+            out = csv.writer(f, delimiter="\t")
+            out.writerow(["sentence", "label"])
+            for i in range(n):
+                words = rng.sample(FILLER, 2)
+                words.insert(rng.randrange(3), "great" if i % 2 else "awful")
+                out.writerow([" ".join(words), str(i % 2)])
+    return folder
+
+
+def path_overrides(toy: dict) -> list[str]:
+    root = toy["root"]
+    return [f"teacher.path={toy['teacher']}", f"teacher.model={toy['base']}",
+            f"data.glue_dir={root}/glue", f"cache.root={root}/cache", f"run.output_dir={root}/runs"]
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("sweep")
+    write_toy_glue(root / "glue")
+    teacher = make_tiny_teacher(root / "teacher", {"sst2": 2}, seed=0)
+    base = make_tiny_teacher(root / "base", {}, seed=1)  # the "pretrained" encoder students start from
+    return {"root": root, "teacher": teacher, "base": base}
+
+
+def toy_cfg(toy: dict, *extra: str):
+    return load(REPO / RECIPE, path_overrides(toy) + list(extra))
+
+
+def constraints_for(cfg) -> Constraints:
+    return Constraints(to_dict(cfg), teacher_heads=4, teacher_width=32)  # the tiny teacher
+
+
+# ------------------------------------------------------------------------ space (no Ray)
+
+
+@pytest.mark.parametrize("space, message", [
+    ("{}", "sweep.space is empty"),
+    ("{student.layer: [1, 2]}", "did you mean student.layers"),
+    ("{student.layers: []}", "empty list"),
+    ("{student.layers: {low: 4, high: 1}}", "low=4 > high=1"),
+    ("{distill.stages.0.optim.lr: {low: 0, high: 1, log: true}}", "log ranges need low > 0"),
+    ("{student.arch: {low: 1, high: 2}}", "str field; give a list"),
+    ("{student.layers: {low: 1.5, high: 3}}", "int field"),
+    ("{student: [1]}", "is a section"),
+    ("{distill.stages.x.optim.lr: [1]}", "use an index"),
+    ("{student.layers: 3}", "give a list of choices"),
+])
+def test_bad_space_is_a_clear_error(toy, space, message):
+    with pytest.raises(ConfigError, match=message):
+        make_space(toy_cfg(toy, f"sweep.space={space}"))
+
+
+def test_space_types_follow_the_config_fields(toy):
+    space = make_space(toy_cfg(toy, "sweep.space={student.layers: {low: 1, high: 4}, "
+                                    f"{LR_KEY}: {{low: 1.0e-5, high: 1.0e-3, log: true}}}}"))
+    import numpy as np
+    draws = [{k: d.sample(random_state=np.random.default_rng(i)) for k, d in space.items()} for i in range(200)]
+    layers = {int(d["student.layers"]) for d in draws}
+    assert layers == {1, 2, 3, 4}  # high is inclusive for ints
+    assert all(1e-5 <= d[LR_KEY] <= 1e-3 for d in draws)
+
+
+def test_constraints_resample_and_record_rejections(toy, tmp_path):
+    cfg = toy_cfg(toy)
+    log = tmp_path / "rejected.jsonl"
+    search = ConstrainedSearch(make_space(cfg), constraints_for(cfg), "dev_main", "max", 0, str(log))
+    picks = [search.suggest(f"t{i}") for i in range(20)]
+    assert all(p["student.heads"] == 2 for p in picks)
+    rejected = [json.loads(line) for line in log.read_text().splitlines()]
+    assert rejected and all(r["config"]["student.heads"] == 3 for r in rejected)
+    assert "heads=3 must divide hidden=32" in rejected[0]["problems"][0]
+
+
+def test_optuna_multi_objective_learns_from_valid_trials_only(toy, tmp_path):
+    """TPE over (metric up, latency down): rejected draws are told to Optuna as failed, finished
+    trials as complete with both values."""
+    import optuna
+
+    from pipeline.sweep_space import make_searcher
+
+    cfg = toy_cfg(toy, "sweep.searcher=optuna", "sweep.latency_objective=true")
+    goals = [("dev_main", "max"), ("latency_bs1_ms", "min")]
+    search = make_searcher(cfg, make_space(cfg), constraints_for(cfg), str(tmp_path / "rej.jsonl"), goals)
+    for i in range(6):
+        params = search.suggest(f"t{i}")
+        assert params["student.heads"] == 2
+        search.on_trial_complete(f"t{i}", {"dev_main": 50 + i, "latency_bs1_ms": 1.0 + i})
+    study = search.inner._ot_study
+    assert [d.name for d in study.directions] == ["MAXIMIZE", "MINIMIZE"]
+    states = [t.state for t in study.trials]
+    assert states.count(optuna.trial.TrialState.COMPLETE) == 6
+    rejected = len((tmp_path / "rej.jsonl").read_text().splitlines())
+    assert states.count(optuna.trial.TrialState.FAIL) == rejected > 0
+
+
+def test_mlkd_relation_splits_must_divide_teacher_heads(toy):
+    """8 student heads divide the width 32 but cannot group the teacher's 4 heads."""
+    cfg = toy_cfg(toy, "distill.stages=[{name: f, losses: {mha_relation: 1.0}}]",
+                  "sweep.space={student.heads: [2, 8]}")
+    c = constraints_for(cfg)
+    assert c.problems({"student.heads": 2}) == []
+    assert "must divide the teacher's 4 heads" in c.problems({"student.heads": 8})[0]
+    with pytest.raises(ConfigError, match="none of 1000 sampled configurations can run.*teacher's 4 heads"):
+        check_satisfiable(make_space(toy_cfg(toy, "distill.stages=[{name: f, losses: {mha_relation: 1.0}}]",
+                                             "sweep.space={student.heads: [8]}")), c, seed=0)
+
+
+def test_a_sweep_never_loads_the_teacher_in_trials(toy):
+    c = constraints_for(toy_cfg(toy))
+    assert "init_from=base" in c.problems({"student.init_from": "teacher"})[0]
+    assert "reads the cache" in c.problems({"distill.online": True})[0]
+
+
+def test_unreported_metric_and_bad_constraints_fail_up_front(toy):
+    from pipeline.sweep import objectives
+    from pipeline.sweep_results import check_constraints
+
+    with pytest.raises(ConfigError, match=r"sweep.metric='sst2/f1' is not reported.*sst2/accuracy"):
+        objectives(toy_cfg(toy, "sweep.metric=sst2/f1"))
+    with pytest.raises(ConfigError, match="needs sweep.searcher=optuna"):
+        objectives(toy_cfg(toy, "sweep.latency_objective=true"))
+    assert objectives(toy_cfg(toy, "sweep.metric=sst2/accuracy", "sweep.searcher=optuna",
+                              "sweep.latency_objective=true")) == [("sst2/accuracy", "max"),
+                                                                   ("latency_bs1_ms", "min")]
+    with pytest.raises(ConfigError, match="unknown column 'latency'"):
+        check_constraints({"latency": 5.0})
+
+
+def test_asha_needs_epochs_after_the_grace_period(toy):
+    from pipeline.sweep import make_scheduler
+
+    cfg = toy_cfg(toy, "sweep.grace_period=3")
+    with pytest.raises(ConfigError, match="grace_period=3 leaves ASHA nothing to stop"):
+        make_scheduler(cfg, [cfg])
+
+
+def test_missing_cache_names_the_cache_and_the_command(toy):
+    from pipeline.cache.store import CacheError
+    from pipeline.sweep import prepare_cache
+
+    cfg = toy_cfg(toy, f"cache.root={toy['root']}/empty_cache")
+    with pytest.raises(CacheError, match=r"cache sst2-train-\w+ under .*python -m jobs.cache "
+                                         r"--config sweep.yaml cache.logits=true"):
+        prepare_cache(cfg, {"sst2": [toy["teacher"]]}, ["logits"], build=False, config_path="sweep.yaml")
+
+
+def test_concurrency_leaves_room_for_ray_data(toy):
+    from pipeline.sweep import trial_concurrency
+
+    cfg = toy_cfg(toy)  # 1 worker x 0.5 CPU + driver + a share for Ray Data per trial
+    assert trial_concurrency(cfg, {"CPU": 2.0}) == 1
+    assert trial_concurrency(cfg, {"CPU": 8.0}) == 7
+    assert trial_concurrency(toy_cfg(toy, "sweep.max_concurrent=3"), {"CPU": 2.0}) == 3
+
+
+def test_pareto_front_keeps_only_unbeaten_finished_trials():
+    from pipeline.sweep_results import pareto_mask
+
+    t = pd.DataFrame({"status": ["finished"] * 4 + ["stopped early"],
+                      "dev_main": [80, 85, 70, 85, 99], "latency_bs1_ms": [1.0, 2.0, 3.0, 2.5, 0.1]})
+    assert pareto_mask(t, "dev_main", "max", "latency_bs1_ms").tolist() == [True, True, False, False, False]
+
+
+# ---------------------------------------------------------------- one real sweep (Ray)
+
+
+def sweep_cli(toy: dict, seed: int, popen: bool = False):
+    # its own Ray, which the job itself must keep on 127.0.0.1 (no loopback variables given)
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RAY_ADDRESS", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")}
+    env |= {"PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [sys.executable, "-m", "jobs.sweep", "--config", RECIPE, *path_overrides(toy),
+           f"run.seed={seed}", "sweep.constraints={latency_bs1_ms: 1000, params: 1}"]
+    kw = dict(cwd=REPO, env=env, text=True, start_new_session=True)
+    if popen:
+        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **kw)
+    return subprocess.run(cmd, capture_output=True, timeout=900, **kw)
+
+
+def seed_good_then_bad(toy) -> int:
+    """A seed whose first two trials take the good, then the bad learning rate: ASHA then has a
+    trial to stop before the interruption (its rung records are not kept across a restore)."""
+    cfg = toy_cfg(toy)
+    for seed in range(100):
+        search = ConstrainedSearch(make_space(cfg), constraints_for(cfg), "dev_main", "max", seed, os.devnull)
+        if [search.suggest(f"t{i}")[LR_KEY] for i in range(2)] == [GOOD_LR, BAD_LR]:
+            return seed
+    raise AssertionError("no seed found")
+
+
+def interrupt_after(proc: subprocess.Popen, trials: int, timeout_s: float = 600) -> str:
+    """SIGINT (Ctrl-C) to the sweep driver once `trials` trials have ended; returns its output."""
+    lines, ended, t0 = [], 0, time.time()
+    for line in proc.stdout:
+        lines.append(line)
+        if "[raykd sweep] trial" in line and "ended in this run" in line:
+            ended += 1
+            if ended == trials:
+                proc.send_signal(signal.SIGINT)
+        assert time.time() - t0 < timeout_s, "".join(lines[-50:])
+    proc.wait(timeout=120)
+    return "".join(lines)
+
+
+def tune_history(experiment: Path) -> dict[str, list[dict]]:
+    """trial_id -> its reported results in order (Tune's result.json)."""
+    out = {}
+    for f in experiment.glob("run_trial_*/result.json"):
+        rows = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+        if rows:
+            out[rows[0]["trial_id"]] = rows
+    return out
+
+
+@pytest.mark.timeout(1800)  # ~4 min on a quiet 2-core machine; Ray Train start-up dominates
+def test_sweep_asha_results_no_teacher_and_resume(toy):
+    root = toy["root"]
+    results = root / "runs/sweep_tiny/sweep_results"
+    first = interrupt_after(sweep_cli(toy, seed_good_then_bad(toy), popen=True), trials=2)
+    assert "rerun the same command to resume" in first, first[-3000:]
+    before = pd.read_parquet(results / "trials.parquet")
+    done_before = before[before["status"].isin(["finished", "stopped early"])]
+    assert len(done_before) >= 2, before
+
+    for weights in toy["teacher"].glob("*.safetensors"):  # from now on the teacher cannot load
+        weights.unlink()
+    second = sweep_cli(toy, seed_good_then_bad(toy))
+    assert second.returncode == 0, (second.stdout[-3000:], second.stderr[-3000:])
+    assert "resuming" in second.stdout and "teacher not loaded" in second.stdout
+
+    table = pd.read_parquet(results / "trials.parquet")
+    summary = json.loads((results / "summary.json").read_text())
+    assert len(table) == 4 and set(table["status"]) <= {"finished", "stopped early"}, table
+    assert summary["teacher_loads_in_trials"] == 0 and summary["rejected_draws"] > 0
+    assert summary["ray"].startswith("127.0.0.1:"), summary["ray"]
+    assert summary["placement_groups_held_after"] == 0  # the stopped trial's workers were freed
+    assert (table.loc[table["status"] == "finished", "cache_sets_written"] == 0).all()
+    for col in ("student.heads", LR_KEY, "dev_main", "params", "latency_bs1_ms", "time_s", "pareto"):
+        assert col in table and col in pd.read_csv(results / "trials.csv"), col
+    assert (table["student.heads"] == 2).all()  # heads=3 was rejected before any trial started
+
+    # Resume: the trials that ended before the interruption ran once and kept their results.
+    for _, row in done_before.iterrows():
+        starts = (root / "runs/sweep_tiny/sweep_trials" / row["trial_id"] / "starts.log").read_text().splitlines()
+        assert len(starts) == 1, row["trial_id"]
+        assert table.set_index("trial_id").loc[row["trial_id"], "status"] == row["status"]
+
+    # ASHA: stopped trials ended at the first rung, below a trial that reached it before them.
+    history = tune_history(root / "runs/sweep_tiny/sweep/sweep_tiny")
+    stopped = table[table["status"] == "stopped early"]
+    assert len(stopped) >= 1, table
+    for _, row in stopped.iterrows():
+        mine = history[row["trial_id"]]
+        assert len(mine) == 1, mine
+        earlier = [h[0]["dev_main"] for t, h in history.items()
+                   if t != row["trial_id"] and h[0]["timestamp"] <= mine[0]["timestamp"]]
+        assert earlier and mine[0]["dev_main"] < max(earlier), (row["trial_id"], history)
+    finished = table[table["status"] == "finished"]
+    epochs = toy_cfg(toy).distill.stages[0].optim.epochs
+    assert (finished[LR_KEY] == GOOD_LR).all() and (finished["epochs"] == epochs).all()
+    assert finished["dev_main"].min() > stopped["dev_main"].max()
+
+    # The Pareto PNG, and the best student per constraint exported in HF format.
+    png = (results / "pareto.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    assert "none" in summary["exports"]["params_le_1"]
+    from transformers import AutoModelForSequenceClassification
+    for name in ("best", "latency_bs1_ms_le_1000"):
+        model = AutoModelForSequenceClassification.from_pretrained(results / "export" / name / "sst2")
+        assert model.config.num_hidden_layers == 1
