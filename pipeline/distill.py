@@ -165,6 +165,9 @@ def _test_crash_once(marker: Path) -> None:
     """Test hook (env RAYKD_TEST_CRASH_AT_STEP on the driver): kill this worker process once,
     to exercise resume from the last checkpoint. The marker keeps the retry alive."""
     if not marker.exists():
+        # Ray Train's controller learns of a reported checkpoint when it next polls the workers;
+        # give it time, so the crash tests resume rather than a report lost to the race.
+        time.sleep(10)
         marker.write_text("crashed")
         print(f"[raykd] test hook: worker exits at step as asked by {CRASH_ENV}", flush=True)
         os._exit(1)
