@@ -49,10 +49,11 @@ def check_outputs_kept(cfg: Config, keys: tuple[str, ...]) -> None:
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)
         if "://" not in value and os.path.commonpath([cwd, value]) == cwd:
+            uri = " or a URI (s3://bucket/cache)" if key == "cache.root" else ""
             raise ConfigError(
                 f"{key}={value} is inside this job's temporary copy of the working dir ({cwd}), "
-                f"which Ray may delete once the job ends; pass a path every node shares, e.g. {key}=/shared/"
-                f"{os.path.relpath(value, cwd)}" + (" or a URI (s3://bucket/cache)" if key == "cache.root" else ""))
+                "which Ray may delete once the job ends; pass a path every node shares, e.g. "
+                f"{key}=/shared/{os.path.relpath(value, cwd)}{uri}")
 
 
 def _in_submitted_working_dir() -> bool:

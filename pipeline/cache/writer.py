@@ -125,7 +125,7 @@ def run_cache_job(table: pa.Table, fields: dict, quantities: list[str], teacher_
     t0 = time.perf_counter()
     if todo:
         gpus = 1 if use_gpu else 0
-        cpus = max(1, int(ray.cluster_resources().get("CPU", 1)) // cache_cfg.concurrency)
+        cpus = actor_cpus(cache_cfg.concurrency)
         cpus = min(cpus, int(ray.available_resources().get("CPU", cpus)) or 1)
         ds = ray.data.from_items([{"shard": i} for i in todo], override_num_blocks=len(todo))
         results = ds.map_batches(
@@ -151,6 +151,15 @@ def run_cache_job(table: pa.Table, fields: dict, quantities: list[str], teacher_
     }
     store.write_json(fs, store.join(base, key, sid, store.MANIFEST), manifest)
     return key, sid
+
+
+def actor_cpus(concurrency: int) -> int:
+    """CPUs per teacher actor: an even share of the cluster's, capped at the largest node's
+    (an actor lives on one node; asking for more than any node has hangs the job)."""
+    import ray
+
+    largest = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]), default=1)
+    return max(1, min(int(ray.cluster_resources().get("CPU", 1)) // concurrency, int(largest)))
 
 
 def _lengths(table: pa.Table) -> np.ndarray:
