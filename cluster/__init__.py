@@ -1,0 +1,1 @@
+"""Running raykd on Ray clusters: a local multi-node launcher, KubeRay and cluster-launcher configs."""
