@@ -40,6 +40,16 @@ class Features:
     attn: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [B, T, D]
     qkv: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
+    def token_tensors(self) -> dict[str, torch.Tensor]:
+        """Captured token-level internals keyed by their cache column names
+        (embeddings, hidden_<l>, attn_<l>, q_<l>, k_<l>, v_<l>; see cache/schema.py)."""
+        out = {"embeddings": self.embeddings} if self.embeddings is not None else {}
+        out.update({f"hidden_{i}": v for i, v in self.hidden.items()})
+        out.update({f"attn_{i}": v for i, v in self.attn.items()})
+        for i, (q, k, v) in self.qkv.items():
+            out.update({f"q_{i}": q, f"k_{i}": k, f"v_{i}": v})
+        return out
+
 
 class EncoderClassifier(nn.Module):
     """HF BERT encoder + pooler, and a `Linear` head per task (num_outputs each)."""

@@ -177,10 +177,5 @@ def teacher_batch(feats: Features, plan: Plan) -> dict[str, torch.Tensor]:
         out |= {"t_logits": feats.logits.float(), "t_probs": feats.logits.float().softmax(-1)}
     if plan.needs_cls:
         out["t_cls"] = feats.cls
-    if feats.embeddings is not None:
-        out["t_embeddings"] = feats.embeddings
-    out.update({f"t_hidden_{i}": v for i, v in feats.hidden.items()})
-    out.update({f"t_attn_{i}": v for i, v in feats.attn.items()})
-    for i, (q, k, v) in feats.qkv.items():
-        out.update({f"t_q_{i}": q, f"t_k_{i}": k, f"t_v_{i}": v})
+    out.update({f"t_{name}": v for name, v in feats.token_tensors().items()})
     return {k: v.detach().float() for k, v in out.items()}

@@ -61,7 +61,7 @@ def teacher_columns(members: list[EncoderClassifier], table: pa.Table, task: str
         vectors = {"logits": stacked.mean(0), "probs": stacked.softmax(-1).mean(0),
                    "member_logits": stacked.permute(1, 0, 2).reshape(stacked.shape[1], -1),
                    "cls": feats.cls.float()}
-        tokens = _token_tensors(feats)
+        tokens = feats.token_tensors()
         for c in columns:
             if c.kind == "vector":
                 parts[c.name].append(vectors[c.name].cpu().numpy().astype(c.dtype))
@@ -88,17 +88,6 @@ def _quantity_of(column: str) -> str:
     if column[:2] in ("q_", "k_", "v_"):
         return "qkv_" + column[2:]
     return column
-
-
-def _token_tensors(feats) -> dict[str, torch.Tensor]:
-    out = {}
-    if feats.embeddings is not None:
-        out["embeddings"] = feats.embeddings
-    out.update({f"hidden_{i}": v for i, v in feats.hidden.items()})
-    out.update({f"attn_{i}": v for i, v in feats.attn.items()})
-    for i, (q, k, v) in feats.qkv.items():
-        out.update({f"q_{i}": q, f"k_{i}": k, f"v_{i}": v})
-    return out
 
 
 def _list_array(values: np.ndarray, per_row: np.ndarray) -> pa.ListArray:
