@@ -9,7 +9,6 @@ export TOKENIZERS_PARALLELISM := false
 
 .venv/installed: requirements.txt
 	test -x $(PY) || python3 -m venv .venv
-	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements.txt
 	touch $@
 
