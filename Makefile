@@ -5,7 +5,7 @@ export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 export RAY_USAGE_STATS_ENABLED := 0
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test bench clean
+.PHONY: demo test clean
 
 .venv/installed: requirements.txt
 	test -x $(PY) || python3 -m venv .venv
