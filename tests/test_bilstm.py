@@ -20,13 +20,7 @@ SENTS = ["a gripping and funny film", "dull", "the plot never comes together at 
 OTHERS = ["boring from start to end", "a small gem", "great", "it is neither good nor bad"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads; on a busy 2-core box they cost 100x."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

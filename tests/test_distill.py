@@ -44,12 +44,6 @@ def test_every_loss_is_covered_here():
     assert sorted(ALL_LOSSES) == sorted(LOSS_NAMES)
 
 
-@pytest.fixture
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # ------------------------------------------------------------------- plans and quantities

@@ -10,7 +10,7 @@ import pyarrow as pa
 import torch
 
 from pipeline.batching import collate_inputs
-from pipeline.cache.schema import INPUT_COLUMNS, Column
+from pipeline.cache.schema import INPUT_COLUMNS, Column, quantity_of
 from pipeline.encoder import Capture, EncoderClassifier
 
 
@@ -46,7 +46,7 @@ def teacher_columns(members: list[EncoderClassifier], table: pa.Table, task: str
     """The input columns of `table` plus the requested teacher columns, same row order."""
     names = {c.name for c in columns}
     quantities = [n for n in names if n not in ("logits", "probs", "member_logits", "cls")]
-    cap = capture_for(sorted({_quantity_of(n) for n in quantities}))
+    cap = capture_for(sorted({quantity_of(n) for n in quantities}))
     parts: dict[str, list] = {c.name: [] for c in columns}
     scales: dict[str, list] = {c.name: [] for c in columns if c.dtype == "int8"}
     for start in range(0, len(table), batch_size):
@@ -82,12 +82,6 @@ def teacher_columns(members: list[EncoderClassifier], table: pa.Table, task: str
         if c.dtype == "int8":
             out[f"{c.name}_scale"] = _list_array(np.concatenate(scales[c.name]), lengths)
     return pa.table(out)
-
-
-def _quantity_of(column: str) -> str:
-    if column[:2] in ("q_", "k_", "v_"):
-        return "qkv_" + column[2:]
-    return column
 
 
 def _list_array(values: np.ndarray, per_row: np.ndarray) -> pa.ListArray:

@@ -13,7 +13,7 @@ import torch
 
 from pipeline.batching import list_lengths, pad_tokens
 from pipeline.cache import store
-from pipeline.cache.schema import INPUT_COLUMNS, batch_key, parse_quantity
+from pipeline.cache.schema import INPUT_COLUMNS, batch_key, parse_quantity, quantity_of
 from pipeline.cache.store import CacheError, ShardSet
 
 
@@ -62,17 +62,9 @@ def columns_of(plan: list[tuple[ShardSet, list[str]]]) -> dict[str, dict]:
     out = {}
     for st, qs in plan:
         for name, col in st.columns.items():
-            if _quantity_of(name) in qs:
+            if quantity_of(name) in qs:
                 out[name] = col
     return out
-
-
-def _quantity_of(column: str) -> str:
-    if column in ("probs", "member_logits"):
-        return "logits"
-    if column[:2] in ("q_", "k_", "v_"):
-        return "qkv_" + column[2:]
-    return column
 
 
 def read_shard(root: str, key: str, st: ShardSet, index: int, columns: list[str]) -> pa.Table:

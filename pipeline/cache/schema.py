@@ -55,6 +55,15 @@ def parse_quantity(q: str) -> tuple[str, int | None]:
     return m.group(1), int(m.group(2))
 
 
+def quantity_of(column: str) -> str:
+    """The quantity a cached column belongs to (probs -> logits, q_4 -> qkv_4, hidden_2 -> hidden_2)."""
+    if column in ("probs", "member_logits"):
+        return "logits"
+    if column[:2] in ("q_", "k_", "v_"):
+        return "qkv_" + column[2:]
+    return column
+
+
 def quantities_of(cache_cfg) -> list[str]:
     """Quantity names asked for by a CacheConfig."""
     out = ["logits"] if cache_cfg.logits else []
