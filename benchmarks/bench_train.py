@@ -19,6 +19,7 @@ from pipeline.batching import collate_inputs
 from pipeline.config import load
 from pipeline.ray_runtime import init_ray
 from pipeline.teacher import base_model_path, train_teachers
+from pipeline.train_data import table_batches
 
 
 def plain_loop(cfg, table, batch: int) -> float:
@@ -27,11 +28,9 @@ def plain_loop(cfg, table, batch: int) -> float:
     model = models.build({"kind": "pretrained", "path": base}, {"sst2": 2}).train()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.teacher.optim.lr, weight_decay=0.01, fused=True)
     torch.manual_seed(0)
-    order = torch.randperm(len(table)).numpy()
-    shuffled = table.take(order)
     t0, n = time.perf_counter(), 0
-    for i in range(0, len(shuffled), batch):
-        b = collate_inputs(shuffled.slice(i, batch))
+    for rows in table_batches(table, 0, 1, batch, cfg.run.seed):  # the Ray worker's batches
+        b = collate_inputs(rows)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             f = model(b["input_ids"], b["attention_mask"], b["token_type_ids"], "sst2")
             loss = torch.nn.functional.cross_entropy(f.logits.float(), b["labels"])

@@ -34,8 +34,8 @@ def absolute_outputs(cfg: Config) -> Config:
     """run.output_dir and cache.root as absolute paths (URIs unchanged), so the driver and the
     workers on every node mean the same place whatever their working directory."""
     relative = {key: value for key, value in (("run.output_dir", cfg.run.output_dir),
-                                              ("cache.root", cfg.cache.root))
-                if "://" not in value and not os.path.isabs(value)}
+                                              ("cache.root", cfg.cache.root), ("teacher.dir", cfg.teacher.dir))
+                if value and "://" not in value and not os.path.isabs(value)}
     return replace(cfg, {k: os.path.abspath(v) for k, v in relative.items()}) if relative else cfg
 
 

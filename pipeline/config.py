@@ -129,6 +129,7 @@ class OptimConfig:
 class TeacherConfig:
     model: str = ""  # "" = packaged all-MiniLM-L6-v2; else a local HF folder or a hub id
     path: str = ""  # an already trained teacher folder: skip training and use it
+    dir: str = ""  # where teachers are trained and found ("" = <run dir>/teacher); share it between runs
     mode: str = "single"  # single (one task) | multitask (shared encoder, a head per task)
     ensemble_size: int = 1  # members differing by seed/dropout (MT-DNN-KD)
     dropout: float = 0.1
@@ -193,6 +194,7 @@ class StageConfig:
     tasks: tuple[str, ...] = ()  # tasks this stage trains on (() = all of data.tasks)
     unlabeled: bool = False  # task-agnostic: train on unlabeled text (data.unlabeled_path or pooled)
     from_stage: str = ""  # start from this earlier stage's student ("" = the previous stage)
+    each_task: bool = False  # one copy of this stage per task of data.tasks, named <name>_<task>
     temperature: float = 1.0  # for kd
     layer_map: str = "uniform"  # uniform | last | explicit (student layer -> teacher layer)
     layer_map_explicit: tuple[int, ...] = ()
@@ -268,6 +270,27 @@ class SweepConfig:
 
 
 @dataclass(frozen=True)
+class ResultRow:
+    name: str = "row"  # the row label in RESULTS.md
+    recipe: str = ""  # a recipe YAML (relative to the repo) or "" for the built-in default
+    overrides: tuple[str, ...] = ()  # dotted key=value applied to the recipe
+    per_task: bool = True  # one run per task (single-task rows) or one run on every task
+
+
+@dataclass(frozen=True)
+class ResultsConfig:
+    rows: tuple[ResultRow, ...] = ()
+    seeds: dict[str, int] = field(default_factory=dict)  # task -> seeds of per-task rows (default 1)
+    output: str = "RESULTS.md"  # the table (markdown); the PNG and CSV go beside it
+    latency_seq_len: int = 64
+
+    def __post_init__(self) -> None:
+        names = [r.name for r in self.rows]
+        _check(len(set(names)) == len(names), f"rows: names must be unique, got {names}")
+        _check(all(n >= 1 for n in self.seeds.values()), f"seeds: counts must be >= 1, got {self.seeds}")
+
+
+@dataclass(frozen=True)
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     ray: RayConfig = field(default_factory=RayConfig)
@@ -277,8 +300,12 @@ class Config:
     student: StudentConfig = field(default_factory=StudentConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
+    results: ResultsConfig = field(default_factory=ResultsConfig)
 
     def __post_init__(self) -> None:
+        if any(st.each_task for st in self.distill.stages):  # expand before the checks below
+            object.__setattr__(self, "distill", dataclasses.replace(
+                self.distill, stages=_expand_each_task(self.distill.stages, self.data.tasks)))
         for i, st in enumerate(self.distill.stages):
             extra = set(st.tasks) - set(self.data.tasks)
             _check(not extra, f"distill.stages.{i}.tasks lists {sorted(extra)}, which are not in "
@@ -288,6 +315,21 @@ class Config:
                    ("hard", "kd", "soft_ce", "logit_mse")]
             _check(not bad, f"student.arch=bilstm has no internals to match; losses {bad} need a "
                    "Transformer student (use hard, kd, soft_ce, logit_mse)")
+
+
+def _expand_each_task(stages: tuple[StageConfig, ...], tasks: tuple[str, ...]) -> tuple[StageConfig, ...]:
+    """`each_task` stages become one stage per task (e.g. per-task fine-tuning after a multi-task
+    stage): `finetune` -> `finetune_sst2`, `finetune_mrpc`, ... each on its one task."""
+    out: list[StageConfig] = []
+    for st in stages:
+        if not st.each_task:
+            out.append(st)
+            continue
+        _check(not st.tasks or set(st.tasks) <= set(tasks),
+               f"stage {st.name}: each_task runs on data.tasks; its tasks {list(st.tasks)} must be among them")
+        out += [dataclasses.replace(st, name=f"{st.name}_{t}", tasks=(t,), each_task=False)
+                for t in (st.tasks or tasks)]
+    return tuple(out)
 
 
 # ---------------------------------------------------------------- building from dicts
@@ -438,10 +480,12 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 
 
 def load(path: str | Path | None = None,
-         overrides: Sequence[str] | Mapping[str, Any] = ()) -> Config:
-    """YAML recipe (optional) + dotted overrides -> validated `Config`."""
+         overrides: Sequence[str] | Mapping[str, Any] = (), sections: Mapping[str, Any] | None = None
+         ) -> Config:
+    """YAML recipe (optional), then `sections` (a nested partial config laid over it), then
+    dotted overrides -> validated `Config`."""
     tree = _merge_sections(Config, to_dict(Config()), read_yaml(path) if path else {})
-    tree = merge_overrides(tree, overrides)
+    tree = merge_overrides(_merge_sections(Config, tree, sections or {}), overrides)
     try:
         return from_dict(Config, tree)
     except ConfigError as e:

@@ -2,8 +2,8 @@
 
 Every source ends as the same table: `example_id` (int64, stable: the row's index in its
 source split), `input_ids` (list<int32>, real tokens only), `token_type_ids` (list<int8>),
-`label` (int64 class index, float32 score, or -1 when unlabeled). `to_ray` wraps it as a
-Ray Dataset; batches are padded later, per batch (`batching.collate_inputs`).
+`label` (int64 class index, float32 score, or -1 when unlabeled). Batches are padded later,
+per batch (`batching.collate_inputs`); `train_data` decides which rows go in a batch.
 """
 from __future__ import annotations
 
@@ -133,11 +133,3 @@ def tokenize_frame(df: pd.DataFrame, tokenizer, max_len: int) -> pa.Table:
 
 def load_tokenized(cfg: DataConfig, task_name: str, split: str, tokenizer) -> pa.Table:
     return tokenize_frame(load_frame(cfg, task_name, split), tokenizer, cfg.max_len)
-
-
-def to_ray(table: pa.Table, rows_per_block: int = 4096):
-    """A Ray Dataset over an Arrow table (blocks of rows_per_block)."""
-    import ray
-
-    blocks = [table.slice(i, rows_per_block) for i in range(0, max(len(table), 1), rows_per_block)]
-    return ray.data.from_arrow(blocks).randomize_block_order()

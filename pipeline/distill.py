@@ -6,7 +6,6 @@ all this loop: they differ only in the stage's losses and where `t_*` batch keys
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import tempfile
@@ -23,6 +22,7 @@ from pipeline.batching import collate_inputs, task_schedule
 from pipeline.config import Config, StageConfig, from_dict
 from pipeline.ray_runtime import torch_config
 from pipeline.objective import build_projections, compute_loss, make_plan, teacher_batch
+from pipeline.train_data import eval_batches, num_batches, worker_batches
 
 STATE_FILE = "train_state.pt"
 NONFINITE_FILE = "nonfinite-rank{rank}.txt"  # in the run's storage folder; fit() raises it
@@ -81,8 +81,9 @@ def train_worker(ctx: dict[str, Any]) -> None:
         teacher.to(device).eval()
 
     per_worker = max(1, stage.optim.batch_size // world)
-    rows = {t: v["train_rows"] // world for t, v in tasks.items()}  # streaming_split(equal=True)
-    steps_per_epoch = sum(math.ceil(n / per_worker) for n in rows.values())
+    sources = {t: ctx["sources"][f"train:{t}"] for t in tasks}
+    counts = {t: num_batches(src.rows, world, per_worker) for t, src in sources.items()}
+    steps_per_epoch = sum(counts.values())
     total = stage.optim.max_steps or steps_per_epoch * stage.optim.epochs
     opt = torch.optim.AdamW(trainee.parameters(), lr=stage.optim.lr,
                             weight_decay=stage.optim.weight_decay, fused=device.type in ("cpu", "cuda"))
@@ -96,8 +97,8 @@ def train_worker(ctx: dict[str, Any]) -> None:
     for epoch in range(start_epoch, stage.optim.epochs):
         trainee.train()
         log.begin_epoch()
-        for task, table in _train_batches(tasks, rows, per_worker, cfg.data.sampling_alpha,
-                                          ctx["seed"] + epoch):
+        for task, table in _train_batches(sources, counts, rank, world, per_worker,
+                                          cfg.data.sampling_alpha, ctx["seed"] + epoch):
             columns = (ctx["cache_columns"] or {}).get(task)  # per task: heads differ in width
             batch = {k: v.to(device) for k, v in _collate(table, columns).items()}
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
@@ -181,26 +182,19 @@ def _collate(table, cache_columns: dict | None) -> dict[str, torch.Tensor]:
     return batch
 
 
-def _train_batches(tasks: dict, rows: dict[str, int], per_worker: int, alpha: float, seed: int):
-    """Yield (task, Arrow batch): one task per batch, interleaved by the task schedule."""
-    import ray.train
-
-    iters = {t: iter(ray.train.get_dataset_shard(f"train:{t}").iter_batches(
-        batch_size=per_worker, batch_format="pyarrow", local_shuffle_buffer_size=max(1, min(4096, rows[t])),
-        local_shuffle_seed=seed, prefetch_batches=2)) for t in tasks}
-    counts = {t: math.ceil(rows[t] / per_worker) for t in tasks}
+def _train_batches(sources: dict, counts: dict[str, int], rank: int, world: int, per_worker: int,
+                   alpha: float, seed: int):
+    """Yield (task, Arrow batch): one task per batch, interleaved by the task schedule; every
+    rank takes the same schedule, so DDP steps line up."""
+    iters = {t: worker_batches(src, rank, world, per_worker, seed) for t, src in sources.items()}
     for task in task_schedule(counts, alpha, seed):
-        table = next(iters[task], None)
-        if table is not None and len(table):
-            yield task, table
+        yield task, next(iters[task])
 
 
 def _evaluate_rank0(model, ctx: dict, rank: int, device, amp: bool,
                     losses: dict[str, float]) -> dict[str, float]:
     """Dev metrics of the stage's labeled tasks; `dev_main` is their mean main metric. A stage on
     unlabeled text has no dev metric: its `dev_main` is minus its mean training loss."""
-    import ray.train
-
     if rank != 0:
         return {}
     labeled = {t: info for t, info in ctx["tasks"].items() if info.get("metric")}
@@ -208,8 +202,7 @@ def _evaluate_rank0(model, ctx: dict, rank: int, device, amp: bool,
         return {"dev_main": -float(sum(losses.values()))}
     results: dict[str, float] = {}
     for t, info in labeled.items():
-        shard = ray.train.get_dataset_shard(f"dev:{t}")
-        batches = (_collate(tb, None) for tb in shard.iter_batches(batch_size=128, batch_format="pyarrow"))
+        batches = (_collate(tb, None) for tb in eval_batches(ctx["sources"][f"dev:{t}"]))
         results |= evaluate.evaluate_task(model, batches, t, info["kind"], device, amp, prefix=f"{t}/")
     mains = [results[f"{t}/{info['metric']}"] for t, info in labeled.items()]
     results["dev_main"] = float(np.mean(mains))
@@ -286,7 +279,7 @@ class _Progress:
 
 
 def fit(cfg: Config, stage: StageConfig, model_spec: dict, tasks: dict[str, dict],
-        datasets: dict, out_dir: str | Path, *, teacher_layers: int, teacher_width: int,
+        sources: dict, out_dir: str | Path, *, teacher_layers: int, teacher_width: int,
         cache_columns: dict[str, dict] | None = None, online_teacher: dict | None = None,
         seed: int | None = None, callbacks: tuple = (), heads: dict[str, int] | None = None
         ) -> dict[str, Any]:
@@ -294,7 +287,8 @@ def fit(cfg: Config, stage: StageConfig, model_spec: dict, tasks: dict[str, dict
 
     heads: task -> outputs of the model's heads (default: the trained tasks'); a student keeps
     heads for every task of the recipe, also in stages that train on a subset or unlabeled text.
-    datasets: {"train:<task>": ray Dataset, "dev:<task>": ray Dataset}. Returns the best
+    sources: {"train:<task>": TableSource | CacheSource, "dev:<task>": TableSource}
+    (pipeline.train_data: each worker reads its own share, no Ray Data coordinator). Returns the best
     checkpoint's metrics. The output folder appears only when training has finished.
     callbacks: Ray Train callbacks, e.g. one forwarding each report to Ray Tune (sweeps).
     """
@@ -308,7 +302,7 @@ def fit(cfg: Config, stage: StageConfig, model_spec: dict, tasks: dict[str, dict
         stale.unlink()
     heads = heads or {t: v["num_outputs"] for t, v in tasks.items()}
     ctx = {"config": _plain(cfg), "stage": _plain(stage), "model": model_spec, "tasks": tasks,
-           "heads": heads,
+           "heads": heads, "sources": sources,
            "teacher_layers": teacher_layers, "teacher_width": teacher_width,
            "cache_columns": cache_columns, "online_teacher": online_teacher,
            "seed": cfg.run.seed if seed is None else seed, "run_dir": str(run_dir),
@@ -318,9 +312,6 @@ def fit(cfg: Config, stage: StageConfig, model_spec: dict, tasks: dict[str, dict
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
             resources_per_worker={"CPU": cfg.ray.cpus_per_worker, **({"GPU": 1} if cfg.ray.use_gpu else {})}),
-        datasets=datasets,
-        dataset_config=ray.train.DataConfig(
-            datasets_to_split=[k for k in datasets if k.startswith("train:")]),
         run_config=ray.train.RunConfig(
             name=run_dir.name, storage_path=str(run_dir.parent),
             checkpoint_config=ray.train.CheckpointConfig(

@@ -14,7 +14,8 @@ from transformers import AutoConfig, AutoTokenizer
 from pipeline import data
 from pipeline.cache.build import ensure_cache, run_fields
 from pipeline.cache.key import cache_key, check_fields
-from pipeline.cache.reader import cache_dataset, columns_of, plan_sets
+from pipeline.cache.reader import columns_of, plan_sets
+from pipeline.train_data import cache_source, table_source
 from pipeline.config import Config, to_dict
 from pipeline.distill import fit
 from pipeline.errors import ConfigError
@@ -114,28 +115,28 @@ def distill_student(cfg: Config, teachers_by_task: dict[str, list[Path]], *,
             continue
         plan = make_plan(stage, cfg.student.layers, t_cfg.num_hidden_layers)
         quantities = teacher_quantities(plan)
-        info, datasets, columns = {}, {}, {}
+        info, sources, columns = {}, {}, {}
         for task in train_tasks:
             teachers = teachers_by_task.get(task, teachers_by_task[cfg.data.tasks[0]])
             if cfg.distill.online or not quantities:
                 train = data.load_tokenized(cfg.data, task, "train", tokenizer)
-                datasets[f"train:{task}"], rows = data.to_ray(train), len(train)
+                sources[f"train:{task}"], rows = table_source(train), len(train)
             else:
                 key = cache_for(cfg, teachers, task, quantities, build_cache)
                 sets = plan_sets(cfg.cache.root, key, quantities)
                 columns[task] = columns_of(sets)
-                datasets[f"train:{task}"] = cache_dataset(cfg.cache.root, key, quantities)
+                sources[f"train:{task}"] = cache_source(cfg.cache.root, key, quantities)
                 rows = sets[0][0].manifest["rows"]
             info[task] = {"kind": "unlabeled", "num_outputs": 0, "metric": None, "train_rows": rows,
                           "train_rows_per_worker": rows // cfg.ray.num_workers}
             if task != data.UNLABELED:
                 t = data.task_of(cfg.data, task)
-                datasets[f"dev:{task}"] = data.to_ray(data.load_tokenized(cfg.data, task, "dev", tokenizer))
+                sources[f"dev:{task}"] = table_source(data.load_tokenized(cfg.data, task, "dev", tokenizer))
                 info[task] |= {"kind": t.kind, "num_outputs": t.num_outputs, "metric": t.metrics[0]}
         online = {"kind": "folder", "path": str(teacher)} if cfg.distill.online and quantities else None
         print(f"[raykd] student stage {i} ({stage.name}) on {train_tasks}: losses {stage.losses}, "
               f"{'online teacher' if online else 'cached ' + str(quantities)}", flush=True)
-        fit(cfg, stage, start, info, datasets, folder, teacher_layers=t_cfg.num_hidden_layers,
+        fit(cfg, stage, start, info, sources, folder, teacher_layers=t_cfg.num_hidden_layers,
             teacher_width=t_cfg.hidden_size, cache_columns=columns or None, online_teacher=online,
             callbacks=callbacks, heads=heads)
         tokenizer.save_pretrained(folder / "model")

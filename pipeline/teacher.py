@@ -14,6 +14,7 @@ from pipeline.config import Config, StageConfig
 from pipeline.distill import fit
 from pipeline.encoder import META_FILE, fingerprint, read_meta
 from pipeline.errors import ConfigError
+from pipeline.train_data import table_source
 
 
 def base_model_path(cfg: Config) -> str:
@@ -36,15 +37,21 @@ def teacher_groups(cfg: Config) -> dict[str, tuple[str, ...]]:
     return {t: (t,) for t in cfg.data.tasks}
 
 
+def teacher_root(cfg: Config) -> Path:
+    """teacher.dir, or <run dir>/teacher."""
+    return Path(cfg.teacher.dir).resolve() if cfg.teacher.dir else run_dir(cfg) / "teacher"
+
+
 def teacher_dirs(cfg: Config, group: str) -> list[Path]:
-    root = run_dir(cfg) / "teacher" / group
+    root = teacher_root(cfg) / group
     k = cfg.teacher.ensemble_size
-    return [root] if k == 1 else [root / f"member{i}" for i in range(k)]
+    return [root] if k == 1 else [root.with_name(f"{group}-ensemble{k}") / f"member{i}" for i in range(k)]
 
 
-def task_datasets(cfg: Config, tasks: tuple[str, ...], tokenizer, train_tables: dict | None = None):
-    """Ray datasets {"train:<t>", "dev:<t>"} and the per-task info the loop needs."""
-    info, datasets = {}, {}
+def task_sources(cfg: Config, tasks: tuple[str, ...], tokenizer, train_tables: dict | None = None):
+    """What the loop reads ({"train:<t>", "dev:<t>"}: tables in the object store) and the
+    per-task info it needs."""
+    info, sources = {}, {}
     for t in tasks:
         task = data.task_of(cfg.data, t)
         train = train_tables[t] if train_tables else data.load_tokenized(cfg.data, t, "train", tokenizer)
@@ -52,9 +59,9 @@ def task_datasets(cfg: Config, tasks: tuple[str, ...], tokenizer, train_tables: 
         rows = len(train)
         info[t] = {"kind": task.kind, "num_outputs": task.num_outputs, "metric": task.metrics[0],
                    "train_rows": rows, "train_rows_per_worker": rows // cfg.ray.num_workers}
-        datasets[f"train:{t}"] = data.to_ray(train)
-        datasets[f"dev:{t}"] = data.to_ray(dev)
-    return info, datasets
+        sources[f"train:{t}"] = table_source(train)
+        sources[f"dev:{t}"] = table_source(dev)
+    return info, sources
 
 
 def train_teachers(cfg: Config) -> dict[str, list[Path]]:
@@ -68,17 +75,18 @@ def train_teachers(cfg: Config) -> dict[str, list[Path]]:
     out: dict[str, list[Path]] = {}
     for group, tasks in teacher_groups(cfg).items():
         out[group] = []
-        info, datasets = task_datasets(cfg, tasks, tokenizer)
+        info, sources = task_sources(cfg, tasks, tokenizer)
         for member, folder in enumerate(teacher_dirs(cfg, group)):
             out[group].append(folder)
             if (folder / "metrics.json").is_file():
+                check_teacher_tasks(folder, tasks)
                 print(f"[raykd] teacher {folder} exists; reusing it", flush=True)
                 continue
             print(f"[raykd] training teacher {group} member {member} on {list(tasks)}", flush=True)
             stage = StageConfig(name="teacher", losses={"hard": 1.0}, optim=cfg.teacher.optim)
             spec = {"kind": "pretrained", "path": base,
                     "dropout": cfg.teacher.dropout + 0.02 * member}  # members differ by seed+dropout
-            fit(cfg, stage, spec, info, datasets, folder, teacher_layers=base_cfg.num_hidden_layers,
+            fit(cfg, stage, spec, info, sources, folder, teacher_layers=base_cfg.num_hidden_layers,
                 teacher_width=base_cfg.hidden_size, seed=cfg.run.seed + 1000 * member)
             finish_teacher_folder(folder, tokenizer, base)
     return out
@@ -95,6 +103,14 @@ def finish_teacher_folder(folder: Path, tokenizer, base: str) -> None:
     meta |= {"base": base, "fingerprint": fingerprint(folder),
              "dev_metrics": json.loads((folder / "metrics.json").read_text())}
     (folder / META_FILE).write_text(json.dumps(meta, indent=2))
+
+
+def check_teacher_tasks(folder: Path, tasks: tuple[str, ...]) -> None:
+    """A reused teacher folder must have been trained on exactly these tasks (shared teacher.dir)."""
+    trained = sorted(read_meta(folder).get("tasks", {}))
+    if trained != sorted(tasks):
+        raise ConfigError(f"teacher {folder} was trained on {trained}, but this run needs {sorted(tasks)}; "
+                          "use another teacher.dir (or run.name), or delete that folder to retrain")
 
 
 def require_teacher(folder: str | Path) -> dict:

@@ -52,3 +52,28 @@ def test_temperature_sampling_follows_requested_proportions():
     assert chi2.pvalue > 0.001, (observed, p * len(sched))
     # and clearly not the proportional 0.9 / 0.1
     assert stats.chisquare(observed, np.array([0.9, 0.1]) * len(sched)).pvalue < 1e-6
+
+
+def test_table_batches_split_equal_shares_by_length():
+    """A table's rows for 3 workers: equal shares (remainder left out), each row at most once,
+    batches of similar length, a fresh order every epoch."""
+    import pyarrow as pa
+
+    from pipeline.train_data import num_batches, table_batches
+
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(1, 60, size=1001)
+    table = pa.table({"example_id": np.arange(1001), "input_ids": [list(range(n)) for n in lengths]})
+    epochs = []
+    for seed in (0, 1):
+        ids = []
+        for rank in range(3):
+            batches = list(table_batches(table, rank, 3, 8, seed))
+            assert len(batches) == num_batches(1001, 3, 8) == 42
+            assert sum(len(b) for b in batches) == 333
+            ids += [int(e) for b in batches for e in b.column("example_id").to_numpy()]
+            spread = [np.ptp(lengths[b.column("example_id").to_numpy()]) for b in batches[:-1]]
+            assert np.mean(spread) < 3, spread
+        assert len(set(ids)) == len(ids) == 999
+        epochs.append(ids)
+    assert epochs[0] != epochs[1]

@@ -24,7 +24,7 @@ import pyarrow as pa
 import pytest
 import torch
 
-from pipeline.batching import pad_tokens
+from pipeline.batching import list_lengths, pad_tokens
 from pipeline.cache import key as ckey
 from pipeline.cache import store, writer
 from pipeline.cache.build import ensure_cache, run_fields
@@ -548,3 +548,34 @@ def test_two_node_cache_equals_the_one_node_cache(built, two_node_cluster, tiny_
     ours = set(live_processes(re.escape(two_node_cluster.head_node.session_name))) | {os.getpid()}
     addresses = listening_addresses(ours)
     assert addresses and all(a.is_loopback for a in addresses), f"Ray listens beyond loopback: {addresses}"
+
+
+def test_workers_read_disjoint_equal_shares_of_the_cache(built):
+    """Training input (train_data): 2 workers split the 200 cached rows 100/100, each in exactly
+    ceil(100/16) batches of similar length; teacher values stay with their rows."""
+    from pipeline.cache.reader import collate_teacher, columns_of, plan_sets, read_cache
+    from pipeline.train_data import cache_source, num_batches, worker_batches
+
+    cfg, key = built
+    source = cache_source(cfg.cache.root, key, ["logits", "hidden_2"])
+    assert source.rows == 200 and source.shard_rows == (64, 64, 64, 8)
+    whole = read_cache(cfg.cache.root, key, ["logits", "hidden_2"])
+    by_id = {int(e): i for i, e in enumerate(whole.column("example_id").to_numpy())}
+    cols = columns_of(plan_sets(cfg.cache.root, key, ["logits", "hidden_2"]))
+    for epoch in (0, 1):
+        seen = []
+        for rank in (0, 1):
+            batches = list(worker_batches(source, rank, 2, 16, seed=epoch))
+            assert len(batches) == num_batches(200, 2, 16) == 7
+            ids = [int(e) for b in batches for e in b.column("example_id").to_numpy()]
+            assert len(ids) == 100
+            seen += ids
+            spread = [np.ptp(list_lengths(b.column("input_ids"))) for b in batches[:-1]]
+            every = np.concatenate([list_lengths(b.column("input_ids")) for b in batches])
+            assert np.median(spread) <= 0.25 * np.ptp(every), spread  # bucketed by length
+            b = batches[0]
+            t = collate_teacher(b, cols)
+            for j, e in enumerate(b.column("example_id").to_numpy()[:3]):
+                np.testing.assert_allclose(t["t_hidden_2"][j, 0].numpy(),
+                                           row_values(whole, "hidden_2", by_id[int(e)])[:WIDTH], rtol=1e-3)
+        assert sorted(seen) == sorted(by_id)  # every row once per epoch

@@ -48,7 +48,7 @@ def test_mitkd_general_student_then_per_task(tmp_path, glue_dir):
 def test_mtdnn_kd_ensemble(tmp_path, glue_dir):
     report = run_recipe("mtdnn_kd.yaml", tmp_path, glue_dir, "teacher.ensemble_size=2",
                         "data.tasks=[sst2,stsb]", "student.init=uniform")
-    members = sorted((tmp_path / "runs/mtdnn_kd/teacher/multitask").glob("member*"))
+    members = sorted((tmp_path / "runs/mtdnn_kd/teacher/multitask-ensemble2").glob("member*"))
     assert len(members) == 2
     assert report["tasks"]["stsb"]["student"]["pearson"] == report["tasks"]["stsb"]["student"]["pearson"]
 

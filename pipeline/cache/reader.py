@@ -1,5 +1,5 @@
 """Reading a cache: the shard sets that hold the wanted quantities, checked row for row, as an
-Arrow table (tests, notebooks) or a Ray Dataset (training); `collate_teacher` turns Arrow rows
+Arrow table (tests, notebooks) or shard by shard (training, `train_data`); `collate_teacher` turns Arrow rows
 into padded `t_*` tensors.
 """
 from __future__ import annotations
@@ -106,23 +106,6 @@ def read_cache(root: str, key: str, quantities: list[str]) -> pa.Table:
     plan = plan_sets(root, key, quantities)
     n = len(plan[0][0].manifest["shards"]) if plan else 0
     return pa.concat_tables([load_shard(root, key, plan, i) for i in range(n)])
-
-
-def cache_dataset(root: str, key: str, quantities: list[str]):
-    """A Ray Dataset over the cache, one block per shard (streamed; verified as it is read)."""
-    import ray
-
-    plan = plan_sets(root, key, quantities)
-    n = len(plan[0][0].manifest["shards"])
-    plain_plan = [(st.set_id, st.manifest, qs) for st, qs in plan]
-
-    def load(batch: dict) -> pa.Table:
-        p = [(ShardSet(sid, m), qs) for sid, m, qs in plain_plan]
-        return pa.concat_tables([load_shard(root, key, p, int(i)) for i in batch["shard"]])
-
-    # shuffle the tiny shard-id blocks before loading, so the shuffle never holds shard data
-    return ray.data.from_items([{"shard": i} for i in range(n)], override_num_blocks=n) \
-        .randomize_block_order().map_batches(load, batch_size=1, batch_format="numpy", num_cpus=0.25)
 
 
 def collate_teacher(table: pa.Table, columns: dict[str, dict]) -> dict[str, torch.Tensor]:

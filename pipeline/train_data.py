@@ -1,0 +1,160 @@
+"""What each Ray Train worker reads: its equal share of a task's rows, in batches of similar
+length, straight from Arrow — a tokenized table in the object store, or the cache's Parquet shards.
+
+Why not Ray Data's `streaming_split` here: in Ray 2.60 its coordinator's scheduling loop
+never blocks while no read task is running (`process_completed_tasks` only calls `ray.wait`
+when tasks are active), so whenever the trainer is slower than the reader — the whole run — it
+spins a full core. On our 2-core machines that halved training speed. Reading our own shards
+is also where length bucketing is easy: SST-2 batches pad to ~3x their real tokens when rows
+are drawn at random, ~1.1x when a batch holds rows of similar length.
+
+Shuffling: every epoch a fresh permutation (tables) or shard order (caches); rows are then
+taken a window at a time (table: 64 batches' rows; cache: 4 shards), sorted by length with
+random tie-breaks, cut into batches, and the window's batches shuffled. A window's leftover rows
+carry into the next, so a worker yields exactly ceil(rows / batch_size) batches.
+"""
+from __future__ import annotations
+
+import math
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import numpy as np
+import pyarrow as pa
+
+from pipeline.batching import list_lengths
+
+TABLE_WINDOW_BATCHES = 64
+CACHE_WINDOW_SHARDS = 4
+
+
+@dataclass(frozen=True)
+class TableSource:
+    """A tokenized Arrow table, put in the object store once by the driver."""
+    ref: Any  # ray.ObjectRef of the pa.Table
+    rows: int
+
+
+@dataclass(frozen=True)
+class CacheSource:
+    """A cache's shards (the planned shard sets), read by each worker from cache.root."""
+    root: str
+    key: str
+    plan: tuple  # ((set_id, manifest, quantities), ...): plain data, shipped to workers
+    shard_rows: tuple[int, ...]
+
+    @property
+    def rows(self) -> int:
+        return sum(self.shard_rows)
+
+
+def table_source(table: pa.Table) -> TableSource:
+    import ray
+
+    return TableSource(ray.put(table), len(table))
+
+
+def cache_source(root: str, key: str, quantities: list[str]) -> CacheSource:
+    from pipeline.cache.reader import plan_sets
+
+    plan = plan_sets(root, key, quantities)
+    shards = plan[0][0].manifest["shards"]
+    return CacheSource(root, key, tuple((st.set_id, st.manifest, tuple(qs)) for st, qs in plan),
+                       tuple(int(s["rows"]) for s in shards))
+
+
+def rows_per_worker(rows: int, world: int) -> int:
+    """Every worker trains on the same number of rows (DDP steps must match); the remainder
+    of rows % world is left out of that epoch (a different remainder each epoch)."""
+    return rows // world
+
+
+def num_batches(rows: int, world: int, batch_size: int) -> int:
+    return math.ceil(rows_per_worker(rows, world) / batch_size)
+
+
+def worker_batches(source: TableSource | CacheSource, rank: int, world: int, batch_size: int,
+                   seed: int) -> Iterator[pa.Table]:
+    """This worker's batches for one epoch (seed = run seed + epoch): exactly
+    num_batches(source.rows, world, batch_size) Arrow tables."""
+    if isinstance(source, TableSource):
+        import ray
+
+        return table_batches(ray.get(source.ref), rank, world, batch_size, seed)
+    rng = np.random.default_rng(seed)
+    return _bucketed(_cache_windows(source, rank, rows_per_worker(source.rows, world), rng), batch_size, rng)
+
+
+def table_batches(table: pa.Table, rank: int, world: int, batch_size: int, seed: int) -> Iterator[pa.Table]:
+    """worker_batches for an in-memory table (also what benchmarks' plain loops iterate)."""
+    rng = np.random.default_rng(seed)
+    return _bucketed(_table_windows(table, rank, world, batch_size, rng), batch_size, rng)
+
+
+def _table_windows(table: pa.Table, rank: int, world: int, batch_size: int, rng):
+    n = rows_per_worker(len(table), world)
+    mine = rng.permutation(len(table))[: n * world][rank::world]
+    step = batch_size * TABLE_WINDOW_BATCHES
+    for i in range(0, len(mine), step):
+        yield table.take(mine[i:i + step])
+
+
+def _cache_windows(source: CacheSource, rank: int, n: int, rng):
+    """Rows [rank*n, (rank+1)*n) of the shards concatenated in this epoch's random order: each
+    worker reads only its own shards, a window of CACHE_WINDOW_SHARDS at a time, the next shard
+    prefetched in a thread while the current ones train."""
+    order = rng.permutation(len(source.shard_rows))
+    pieces, start = [], 0  # (shard, first row, end row) of this worker's range
+    lo, hi = rank * n, (rank + 1) * n
+    for s in order:
+        end = start + source.shard_rows[s]
+        if end > lo and start < hi:
+            pieces.append((int(s), max(lo, start) - start, min(hi, end) - start))
+        start = end
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(_read_piece, source, *pieces[0]) if pieces else None
+        window = []
+        for i in range(len(pieces)):
+            part = pending.result()
+            pending = pool.submit(_read_piece, source, *pieces[i + 1]) if i + 1 < len(pieces) else None
+            window.append(part)
+            if len(window) == CACHE_WINDOW_SHARDS or i == len(pieces) - 1:
+                yield pa.concat_tables(window)
+                window = []
+
+
+def _read_piece(source: CacheSource, shard: int, first: int, end: int) -> pa.Table:
+    from pipeline.cache.reader import load_shard
+    from pipeline.cache.store import ShardSet
+
+    plan = [(ShardSet(sid, manifest), list(qs)) for sid, manifest, qs in source.plan]
+    table = load_shard(source.root, source.key, plan, shard)
+    return table.slice(first, end - first)
+
+
+def _bucketed(windows: Iterator[pa.Table], batch_size: int, rng) -> Iterator[pa.Table]:
+    carry = None
+    for window in windows:
+        if carry is not None:
+            window = pa.concat_tables([carry, window])
+        window = window.combine_chunks()  # one copy per window; `take` on chunks would copy per batch
+        lengths = list_lengths(window.column("input_ids"))
+        order = np.lexsort((rng.random(len(window)), lengths))
+        full = len(order) // batch_size * batch_size
+        batches = [order[i:i + batch_size] for i in range(0, full, batch_size)]
+        for j in rng.permutation(len(batches)):
+            yield window.take(batches[j])
+        carry = window.take(order[full:]) if full < len(order) else None
+    if carry is not None:
+        yield carry
+
+
+def eval_batches(source: TableSource, batch_size: int = 128) -> Iterator[pa.Table]:
+    """Every row once, in batches of similar length (metrics do not depend on row order)."""
+    import ray
+
+    table = ray.get(source.ref)
+    order = np.argsort(list_lengths(table.column("input_ids")), kind="stable")
+    for i in range(0, len(order), batch_size):
+        yield table.take(order[i:i + batch_size])

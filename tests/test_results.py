@@ -1,0 +1,89 @@
+"""The results job: rows as real pipeline runs (tiny models, GLUE slices, real Ray) sharing
+teachers and caches; the table, CSV and PNG; a rerun recomputes nothing; bad rows fail early."""
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import make_tiny_teacher
+from pipeline.config import load
+from pipeline.errors import ConfigError
+from pipeline.results import plan_runs
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = {"data": {"tasks": ["sst2", "stsb"], "train_limit": 48, "dev_limit": 24, "max_len": 32},
+        "teacher": {"optim": {"epochs": 1, "batch_size": 16}}}
+SMALL_STUDENT = ["student.layers=2", "student.hidden=32", "student.heads=4", "student.ffn=64"]
+
+
+def results_config(tmp_path: Path, glue_dir: Path, rows: list[dict], **results) -> Path:
+    base = make_tiny_teacher(tmp_path / "base", {"sst2": 2})
+    tree = {"run": {"name": "res", "output_dir": str(tmp_path / "runs")},
+            "cache": {"root": str(tmp_path / "cache")},
+            "data": {**TINY["data"], "glue_dir": str(glue_dir)},
+            "teacher": {**TINY["teacher"], "model": str(base)},
+            "results": {"output": str(tmp_path / "RESULTS.md"), "rows": rows, **results}}
+    path = tmp_path / "results.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    return path
+
+
+def test_each_task_stage_expands_per_task():
+    cfg = load(REPO / "jobs/configs/mkd_transformer.yaml", ["data.tasks=[sst2,rte]"])
+    names = [(s.name, s.tasks, s.from_stage) for s in cfg.distill.stages]
+    assert names == [("multitask", (), ""), ("finetune_sst2", ("sst2",), "multitask"),
+                     ("finetune_rte", ("rte",), "multitask")]
+
+
+def test_bad_rows_fail_before_any_work(tmp_path):
+    with pytest.raises(ConfigError, match="results.rows is empty"):
+        plan_runs(load(None, [f"run.output_dir={tmp_path}"]))
+    cfg = load(None, {"results.rows": [{"name": "x", "recipe": "jobs/configs/mlkd.yaml",
+                                        "overrides": ["student.heds=3"]}]})
+    with pytest.raises(ConfigError, match=r"results.rows.0 \(x\).*did you mean student.heads"):
+        plan_runs(cfg)
+    with pytest.raises(ConfigError, match="results.seeds names"):
+        plan_runs(load(None, {"results.rows": [{"name": "x"}], "results.seeds": {"rte": 2}}))
+
+
+def test_results_table_end_to_end_and_resume(tmp_path, glue_dir):
+    rows = [{"name": "no-distill", "recipe": "jobs/configs/sst2_nodistill.yaml",
+             "overrides": [*SMALL_STUDENT, "distill.stages.0.optim.epochs=1"]},
+            {"name": "MKD T", "recipe": "jobs/configs/mkd_transformer.yaml", "per_task": False,
+             "overrides": [*SMALL_STUDENT, "distill.stages.0.optim.epochs=1",
+                           "distill.stages.1.optim.epochs=1"]}]
+    config = results_config(tmp_path, glue_dir, rows, seeds={"sst2": 2})
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "jobs.results", "--config", str(config)]
+    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
+    assert r.returncode == 0, (r.stdout[-4000:], r.stderr[-4000:])
+    assert "4 runs, 0 finished earlier, 4 to run" in r.stdout
+
+    # Teachers are trained once and shared: one per task plus the multi-task one.
+    teachers = tmp_path / "runs/res/teachers"
+    assert sorted(p.name for p in teachers.iterdir() if not p.name.startswith(".")) == ["multitask", "sst2", "stsb"]
+
+    table = (tmp_path / "RESULTS.md").read_text()
+    for name in ("teacher (single-task)", "teacher (multitask)", "no-distill", "MKD T"):
+        assert f"| {name} |" in table, table
+    assert "±" in table  # two seeds on sst2 for the per-task row
+    assert (tmp_path / "RESULTS.png").stat().st_size > 1000
+    with open(tmp_path / "RESULTS.csv") as f:
+        records = list(csv.DictReader(f))
+    assert sorted((r["row"], r["task"], r["seed"]) for r in records) == [
+        ("MKD T", "sst2", "0"), ("MKD T", "stsb", "0"), ("no-distill", "sst2", "0"),
+        ("no-distill", "sst2", "1"), ("no-distill", "stsb", "0")]
+    assert all(0 <= float(r["student"]) <= 100 for r in records if r["task"] == "sst2")
+
+    # A rerun recomputes nothing (and rewrites the same table).
+    r2 = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    assert "4 runs, 4 finished earlier, 0 to run" in r2.stdout
+    assert "training teacher" not in r2.stdout
+    assert (tmp_path / "RESULTS.md").read_text() == table
