@@ -5,7 +5,7 @@
    examples/s and the fraction of the machine's measured bf16 matmul peak;
 2. bytes per example per quantity, and the MLKD 3-layer spec total vs naive fp32 storage
    padded to max_len (target <= 0.3x with fp16; int8 lower);
-3. read throughput of the cache into padded training batches vs the student's training
+3. read throughput of the cache into padded training batches (the workers' own reader) vs the student's training
    throughput (target >= 10x).
 
   python -m benchmarks.bench_cache --teacher runs/sst2_default/teacher/sst2 [--rows 0]
@@ -26,11 +26,12 @@ from pipeline.batching import length_sorted_batches, list_lengths
 from pipeline.cache import store
 from pipeline.cache.build import ensure_cache, run_fields
 from pipeline.cache.compute import teacher_columns
-from pipeline.cache.reader import collate_teacher, columns_of, plan_sets, read_shard
+from pipeline.cache.reader import collate_teacher, columns_of, plan_sets
 from pipeline.cache.schema import columns_for
 from pipeline.config import load
 from pipeline.encoder import EncoderClassifier
 from pipeline.ray_runtime import init_ray
+from pipeline.train_data import cache_source, table_batches, worker_batches
 
 MLKD3 = ["logits", "cls", "embeddings", "hidden_2", "hidden_4", "hidden_6", "attn_2", "attn_4", "attn_6"]
 
@@ -117,11 +118,9 @@ def main() -> None:
     print("\n== reading into padded training batches ==")
     cols = columns_of(sets)
     t0, n = time.perf_counter(), 0
-    for i in range(len(manifest["shards"])):
-        shard = read_shard(root, key, sets[0][0], i, None)
-        for s in range(0, len(shard), 32):
-            collate_teacher(shard.slice(s, 32), cols)
-            n += min(32, len(shard) - s)
+    for batch in worker_batches(cache_source(root, key, MLKD3), 0, 1, 32, seed=0):  # the loop's path
+        collate_teacher(batch, cols)
+        n += len(batch)
     read_rate = n / (time.perf_counter() - t0)
     student = args.student_ex_s or measure_student(teacher, table)
     print(f"cache read + collate : {read_rate:8.1f} examples/s (one process)")
@@ -138,15 +137,15 @@ def measure_student(teacher: Path, table) -> float:
     student = models.transformer_student(StudentConfig(), str(teacher), {"sst2": 2}).train()
     opt = torch.optim.AdamW(student.parameters(), lr=1e-4, fused=True)
     t0, n = time.perf_counter(), 0
-    for i in range(0, 1600, 32):
-        b = collate_inputs(table.slice(i, 32))
+    for rows in table_batches(table.slice(0, 1600), 0, 1, 32, seed=0):  # the loop's batches
+        b = collate_inputs(rows)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             f = student(b["input_ids"], b["attention_mask"], b["token_type_ids"], "sst2")
             loss = torch.nn.functional.cross_entropy(f.logits.float(), b["labels"])
         opt.zero_grad()
         loss.backward()
         opt.step()
-        n += 32
+        n += len(rows)
     return n / (time.perf_counter() - t0)
 
 

@@ -27,6 +27,7 @@ from pipeline.encoder import EncoderClassifier
 from pipeline.objective import make_plan
 from pipeline.ray_runtime import init_ray
 from pipeline.stages import distill_student
+from pipeline.train_data import table_batches
 
 LOSSES = "{emb_relation: 1, mha_relation: 1, hidden_mse: 1, kd: 1}"
 STUDENTS = {"3x384": ["student.layers=3", "student.hidden=384", "student.heads=12", "student.ffn=1536"],
@@ -44,8 +45,8 @@ def teacher_forward_rate(teacher: Path, cfg, student_layers: int, rows: int) -> 
     table = data.load_tokenized(cfg.data, "sst2", "train", AutoTokenizer.from_pretrained(str(teacher)))
     t0, n = time.perf_counter(), 0
     with torch.no_grad():
-        for i in range(0, min(rows, len(table)), 32):
-            b = collate_inputs(table.slice(i, 32))
+        for rows_ in table_batches(table.slice(0, rows), 0, 1, 32, cfg.run.seed):  # the loop's batches
+            b = collate_inputs(rows_)
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 model(b["input_ids"], b["attention_mask"], b["token_type_ids"], "sst2", plan.teacher)
             n += len(b["labels"])

@@ -19,15 +19,26 @@ def list_lengths(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
     return arr.value_lengths().to_numpy(zero_copy_only=False).astype(np.int64)
 
 
-def _flat_values(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
+def flat_values(col: pa.ChunkedArray | pa.Array, dtype: np.dtype | None = None) -> np.ndarray:
+    """Every row's values, concatenated: a list column's elements, or a binary column's bytes
+    read as `dtype` (the cache's token tensors: one binary value per row)."""
     arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    if pa.types.is_large_binary(arr.type) or pa.types.is_binary(arr.type):
+        if dtype is None:
+            raise TypeError(f"a binary column needs the dtype of its values ({arr.type})")
+        kind = np.int64 if pa.types.is_large_binary(arr.type) else np.int32
+        offsets = np.frombuffer(arr.buffers()[1], dtype=kind)[arr.offset: arr.offset + len(arr) + 1]
+        raw = np.frombuffer(arr.buffers()[2], dtype=np.uint8)[offsets[0]:offsets[-1]] if len(arr) else \
+            np.zeros(0, np.uint8)
+        return raw.view(np.dtype(dtype).newbyteorder("<"))
     return arr.flatten().to_numpy(zero_copy_only=False)
 
 
 def pad_tokens(col: pa.ChunkedArray | pa.Array, lengths: np.ndarray, width: int = 1,
-               pad: float = 0) -> np.ndarray:
-    """A list column holding `lengths[i] * width` values per row -> [B, T] or [B, T, width]."""
-    values = _flat_values(col)
+               pad: float = 0, dtype: np.dtype | None = None) -> np.ndarray:
+    """A column holding `lengths[i] * width` values per row (a list column, or a binary one of
+    `dtype` values) -> [B, T] or [B, T, width]."""
+    values = flat_values(col, dtype)
     batch, longest = len(lengths), int(lengths.max(initial=0))
     shape = (batch, longest) if width == 1 else (batch, longest, width)
     out = np.full(shape, pad, dtype=values.dtype)

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline import evaluate, models
+from pipeline import data, evaluate, models
 from pipeline.batching import collate_inputs, task_schedule
 from pipeline.config import Config, StageConfig, from_dict
 from pipeline.ray_runtime import torch_config
@@ -203,7 +203,8 @@ def _evaluate_rank0(model, ctx: dict, rank: int, device, amp: bool,
     results: dict[str, float] = {}
     for t, info in labeled.items():
         batches = (_collate(tb, None) for tb in eval_batches(ctx["sources"][f"dev:{t}"]))
-        results |= evaluate.evaluate_task(model, batches, t, info["kind"], device, amp, prefix=f"{t}/")
+        task = data.task_of(from_dict(Config, ctx["config"]).data, t)  # user-declared tasks too
+        results |= evaluate.evaluate_task(model, batches, task, info["kind"], device, amp, prefix=f"{t}/")
     mains = [results[f"{t}/{info['metric']}"] for t, info in labeled.items()]
     results["dev_main"] = float(np.mean(mains))
     return results

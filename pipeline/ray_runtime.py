@@ -29,9 +29,23 @@ def init_ray(cfg: RayConfig, address: str = "") -> str:
     else:
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # gloo's pair sockets on loopback too
         ray.init(num_cpus=cfg.num_cpus or None, include_dashboard=False,
-                 _node_ip_address="127.0.0.1", logging_level=logging.WARNING)
+                 _node_ip_address="127.0.0.1", logging_level=logging.WARNING,
+                 runtime_env={"worker_process_setup_hook": _quiet_worker_logs_hook()})
     _quiet_ray_data()
     return ray.get_runtime_context().gcs_address
+
+
+def _quiet_worker_logs_hook():
+    """A setup hook for every worker process of a local Ray (started without the dashboard):
+    Ray Train's placement-group cleaner polls the dashboard's state API every second and logs a
+    warning each time it is absent, burying the training progress. Defined inside a function
+    so that Ray ships it by value (workers need not import this package to run it)."""
+    def quiet() -> None:
+        import logging as log
+
+        log.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(
+            log.ERROR)
+    return quiet
 
 
 def _quiet_ray_data() -> None:

@@ -24,7 +24,7 @@ import pyarrow as pa
 import pytest
 import torch
 
-from pipeline.batching import list_lengths, pad_tokens
+from pipeline.batching import flat_values, list_lengths, pad_tokens
 from pipeline.cache import key as ckey
 from pipeline.cache import store, writer
 from pipeline.cache.build import ensure_cache, run_fields
@@ -77,7 +77,13 @@ def run_cache_main(monkeypatch, capsys, *argv: str) -> tuple[int, str]:
 
 
 def row_values(table: pa.Table, column: str, i: int) -> np.ndarray:
-    return np.asarray(table.column(column)[i].values.to_numpy(zero_copy_only=False), dtype=np.float32)
+    """Row i's values: a vector column's list, or a token column's binary value (fp16 here)."""
+    return column_values(table.slice(i, 1), column)
+
+
+def column_values(table: pa.Table, column: str, dtype=np.float16) -> np.ndarray:
+    """Every row's values of a column concatenated, as float32 (token columns: `dtype` bytes)."""
+    return flat_values(table.column(column), dtype).astype(np.float32)
 
 
 def file_states(folder: Path) -> dict[str, tuple[int, str]]:
@@ -90,8 +96,7 @@ def assert_same_cache(a: pa.Table, b: pa.Table, columns: list[str], atol: float 
     assert a.column("example_id").equals(b.column("example_id"))
     assert a.column("input_ids").equals(b.column("input_ids"))
     for c in columns:
-        x = a.column(c).combine_chunks().flatten().to_numpy(zero_copy_only=False).astype(np.float32)
-        y = b.column(c).combine_chunks().flatten().to_numpy(zero_copy_only=False).astype(np.float32)
+        x, y = column_values(a, c), column_values(b, c)
         assert x.shape == y.shape, c
         np.testing.assert_allclose(x, y, rtol=0, atol=atol, err_msg=c)
 
@@ -139,8 +144,9 @@ def test_round_trip_matches_a_direct_teacher_forward(built, reference):
     assert len(table) == 200 and sorted(table.column("example_id").to_pylist()) == list(range(200))
     lengths = table.column("input_ids").combine_chunks().value_lengths().to_numpy()
     assert (np.diff(lengths) >= 0).all(), "rows are stored sorted by length"
-    for c in TOKEN_COLUMNS + ["cls"]:
-        assert table.schema.field(c).type == pa.list_(pa.float16()), c
+    for c in TOKEN_COLUMNS:  # one binary value per row: its [n_tokens, d] fp16 values
+        assert table.schema.field(c).type == pa.large_binary(), c
+    assert table.schema.field("cls").type == pa.list_(pa.float16())
     assert table.schema.field("logits").type == pa.list_(pa.float32())
 
     worst = dict.fromkeys(TOKEN_COLUMNS, 0.0)
@@ -220,7 +226,7 @@ def test_int8_dequantizes_within_the_per_token_step(built, tiny_teacher, glue_di
     key = ensure_cache(cfg, [tiny_teacher], "sst2", "train", ["logits", "hidden_2"])
     assert key == key16  # the storage dtype is not part of the key
     table = read_cache(cfg.cache.root, key, ["logits", "hidden_2"])
-    assert table.schema.field("hidden_2").type == pa.list_(pa.int8())
+    assert table.schema.field("hidden_2").type == pa.large_binary()  # int8 values, one value per row
     assert table.schema.field("hidden_2_scale").type == pa.list_(pa.float16())
     exact = read_cache(cfg16.cache.root, key16, ["hidden_2"])  # same batches, fp16 storage
     assert table.column("example_id").equals(exact.column("example_id"))

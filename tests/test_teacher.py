@@ -33,3 +33,20 @@ def test_multitask_ensemble_teacher(tmp_path, tiny_teacher, glue_dir, ray_local)
     stamp = (members[0] / "model.safetensors").stat().st_mtime_ns
     train_teachers(cfg)
     assert (members[0] / "model.safetensors").stat().st_mtime_ns == stamp
+
+
+def test_custom_task_teacher_trains_and_reports_its_metric(tmp_path, tiny_teacher, glue_dir, ray_local):
+    """A user-declared task (a CSV with its own column names) through the loop and dev evaluation."""
+    import pandas as pd
+
+    rows = [{"review": f"{w} film number {i}", "stars": s}
+            for i in range(40) for w, s in (("great", "pos"), ("awful", "neg"))]
+    pd.DataFrame(rows).to_csv(tmp_path / "train.csv", index=False)
+    pd.DataFrame(rows[:20]).to_csv(tmp_path / "dev.csv", index=False)
+    decl = (f"data.custom_tasks=[{{name: reviews, text_columns: [text], label_column: label, "
+            f"labels: [neg, pos], train_path: {tmp_path}/train.csv, dev_path: {tmp_path}/dev.csv, "
+            "column_map: {text: review, label: stars}}]")
+    cfg = tiny_cfg(tmp_path, tiny_teacher, glue_dir, decl, "data.tasks=[reviews]")
+    folder = train_teachers(cfg)["reviews"][0]
+    metrics = json.loads((folder / "metrics.json").read_text())
+    assert 0 <= metrics["reviews/accuracy"] <= 100 and metrics["dev_main"] == metrics["reviews/accuracy"]

@@ -77,11 +77,22 @@ def teacher_columns(members: list[EncoderClassifier], table: pa.Table, task: str
     out = {name: table.column(name) for name in INPUT_COLUMNS}
     for c in columns:
         values = np.concatenate(parts[c.name])
-        per_row = np.full(len(table), c.dim) if c.kind == "vector" else lengths * c.dim
-        out[c.name] = _list_array(values.reshape(-1), per_row)
+        if c.kind == "vector":
+            out[c.name] = _list_array(values.reshape(-1), np.full(len(table), c.dim))
+        else:
+            out[c.name] = _binary_array(values.reshape(-1), lengths * c.dim)
         if c.dtype == "int8":
             out[f"{c.name}_scale"] = _list_array(np.concatenate(scales[c.name]), lengths)
     return pa.table(out)
+
+
+def _binary_array(values: np.ndarray, per_row: np.ndarray) -> pa.Array:
+    """One large_binary value per row: its `per_row[i]` values' bytes (little-endian)."""
+    offsets = np.zeros(len(per_row) + 1, dtype=np.int64)
+    np.cumsum(per_row * values.dtype.itemsize, out=offsets[1:])
+    data = np.ascontiguousarray(values.astype(values.dtype.newbyteorder("<"), copy=False))
+    return pa.Array.from_buffers(pa.large_binary(), len(per_row),
+                                 [None, pa.py_buffer(offsets), pa.py_buffer(data.view(np.uint8))])
 
 
 def _list_array(values: np.ndarray, per_row: np.ndarray) -> pa.ListArray:

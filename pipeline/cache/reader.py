@@ -119,7 +119,7 @@ def collate_teacher(table: pa.Table, columns: dict[str, dict]) -> dict[str, torc
             flat = pad_tokens(table.column(name), np.full(len(table), 1), width=col["dim"])
             out[batch_key(name)] = torch.from_numpy(flat.reshape(len(table), col["dim"]).astype(np.float32))
             continue
-        x = pad_tokens(table.column(name), lengths, width=col["dim"])
+        x = pad_tokens(table.column(name), lengths, width=col["dim"], dtype=np.dtype(col["dtype"]))
         if col["dtype"] == "int8":
             scale = pad_tokens(table.column(f"{name}_scale"), lengths)
             x = x.astype(np.float32) * scale.astype(np.float32)[..., None]
