@@ -30,8 +30,8 @@ def run(cfg, args) -> None:
         only = tuple(r for r in args.rows.split(",") if r)
         failed = run_all(cfg, lambda c: pipeline_job.run(c, argparse.Namespace(address=args.address)), only)
     records = collect(cfg)
-    command = "python -m jobs.results " + (f"--config {args.config}" if args.config else "")
-    write_outputs(cfg, records, summarize(cfg, records), command.strip())
+    command = " ".join(["python -m jobs.results", *(a for a in sys.argv[1:] if a != "--table-only")])
+    write_outputs(cfg, records, summarize(cfg, records), command)
     if failed:
         print(f"error: {len(failed)} run(s) failed: {failed}; rerun the command to retry them", file=sys.stderr)
         sys.exit(1)
