@@ -11,7 +11,7 @@ import os
 import sys
 
 from jobs import pipeline as pipeline_job
-from jobs.cli import main, save_resolved
+from jobs.cli import absolute_outputs, main, save_resolved
 from pipeline.config import replace
 from pipeline.results import collect, run_all, runs_dir, summarize, write_outputs
 
@@ -28,7 +28,7 @@ def run(cfg, args) -> None:
     failed = []
     if not args.table_only:
         only = tuple(r for r in args.rows.split(",") if r)
-        failed = run_all(cfg, lambda c: pipeline_job.run(c, argparse.Namespace(address=args.address)), only)
+        failed = run_all(cfg, lambda c: pipeline_job.run(absolute_outputs(c), argparse.Namespace(address=args.address)), only)
     records = collect(cfg)
     command = " ".join(["python -m jobs.results", *(a for a in sys.argv[1:] if a != "--table-only")])
     write_outputs(cfg, records, summarize(cfg, records), command)
