@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from conftest import make_tiny_teacher
-from pipeline.config import load
+from pipeline.config import load, read_yaml
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["data.train_limit=48", "data.dev_limit=24", "data.max_len=32", "teacher.optim.epochs=1",
@@ -22,8 +22,9 @@ TINY = ["data.train_limit=48", "data.dev_limit=24", "data.max_len=32", "teacher.
 def run_recipe(recipe: str, tmp_path: Path, glue_dir: Path, *extra: str) -> dict:
     base = make_tiny_teacher(tmp_path / "base", {"sst2": 2})
     cfg = load(REPO / "jobs/configs" / recipe, [e for e in extra if e.startswith("data.tasks=")])
-    one_epoch = [f"distill.stages.{i}.optim.epochs=1" for i in range(len(cfg.distill.stages))]
-    one_epoch += [f"distill.stages.{i}.optim.batch_size=16" for i in range(len(cfg.distill.stages))]
+    stages = len(read_yaml(REPO / "jobs/configs" / recipe)["distill"]["stages"])  # before each_task copies
+    one_epoch = [f"distill.stages.{i}.optim.epochs=1" for i in range(stages)]
+    one_epoch += [f"distill.stages.{i}.optim.batch_size=16" for i in range(stages)]
     args = ["--config", f"jobs/configs/{recipe}", f"run.output_dir={tmp_path}/runs",
             f"cache.root={tmp_path}/cache", f"teacher.model={base}", f"data.glue_dir={glue_dir}",
             *TINY, *one_epoch, *extra]
