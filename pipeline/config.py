@@ -150,7 +150,9 @@ class CacheConfig:
     hidden_layers: tuple[int, ...] = ()  # 1-based teacher layers (hidden_states index)
     attn_layers: tuple[int, ...] = ()  # attention output (before W_O) of these layers
     qkv_layers: tuple[int, ...] = ()
-    dtype: str = "float16"  # token-level storage: float16 | int8 (per-token scale)
+    # storage of newly written token-level sets: float16 | int8 (per-token scale); sets already
+    # cached are reused whatever their dtype (use another cache.root to compare dtypes)
+    dtype: str = "float16"
     batch_size: int = 64  # teacher inference batch (rows of similar length)
     concurrency: int = 1  # teacher actors
     rows_per_shard: int = 2048  # rows per Parquet shard (unit of resume and of shuffling)
