@@ -5,3 +5,6 @@ import os
 # first (set RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1 yourself to opt out).
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# Ray Train re-routes a worker's print() through its logger, and every progress line then
+# reaches the driver twice; our loop prints its own progress (local Ray workers inherit this).
+os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
