@@ -104,16 +104,19 @@ def main() -> None:
     per_q = {q: lengths.mean() * d * 2 for q in token_q} | {"cls": d * 2, "logits": 2 * 2 * 4}
     for q, b in per_q.items():
         print(f"  {q:11s} {b / 1024:8.2f} KiB/example (raw fp16, real tokens only)")
-    print(f"on disk (fp16, zstd)  : {total_bytes / 2**20:9.1f} MiB = {total_bytes / len(table) / 1024:.1f} KiB/example")
+    print(f"on disk (fp16)        : {total_bytes / 2**20:9.1f} MiB = {total_bytes / len(table) / 1024:.1f} KiB/example")
     print(f"naive fp32 padded     : {naive / 2**20:9.1f} MiB; ratio {total_bytes / naive:.3f}x (target <= 0.3x)")
-    cfg8 = load(None, [f"cache.root={root}", f"teacher.path={teacher}", f"data.train_limit={args.rows}",
+    root8 = root + "_int8"  # a cached fp16 set would be reused whatever cache.dtype says
+    cfg8 = load(None, [f"cache.root={root8}", f"teacher.path={teacher}", f"data.train_limit={args.rows}",
                        "cache.dtype=int8"])
     key8 = ensure_cache(cfg8, [teacher], "sst2", "train", token_q[:1])
-    m8 = plan_sets(root, key8, token_q[:1])[0][0].manifest
+    m8 = plan_sets(root8, key8, token_q[:1])[0][0].manifest
     fp16_one = sum(s["bytes"] for s in plan_sets(root, key, token_q[:1])[0][0].manifest["shards"])
     int8_one = sum(s["bytes"] for s in m8["shards"])
-    print(f"int8 (per-token scale): embeddings set {int8_one / 2**20:.1f} MiB incl. inputs "
-          f"(fp16 set with all quantities: {fp16_one / 2**20:.1f} MiB)")
+    print(f"one quantity (embeddings) incl. inputs: int8 + per-token scale {int8_one / 2**20:.1f} MiB "
+          f"({int8_one / len(table) / 1024:.1f} KiB/example); the fp16 set with all quantities: "
+          f"{fp16_one / 2**20:.1f} MiB")
+    store.delete(root8, key8)
 
     print("\n== reading into padded training batches ==")
     cols = columns_of(sets)
@@ -124,7 +127,7 @@ def main() -> None:
     read_rate = n / (time.perf_counter() - t0)
     student = args.student_ex_s or measure_student(teacher, table)
     print(f"cache read + collate : {read_rate:8.1f} examples/s (one process)")
-    print(f"student training     : {student:8.1f} examples/s (3 layers, bf16, MLKD stage-1 losses)")
+    print(f"student training     : {student:8.1f} examples/s (3 layers x 384, bf16, hard-label step)")
     print(f"ratio                : {read_rate / student:8.1f}x (target >= 10x)")
     json.dump({"plain": plain, "job": job, "bytes": total_bytes, "naive": naive, "read": read_rate,
                "student": student}, open(Path(root) / "bench.json", "w"))
