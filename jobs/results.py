@@ -28,7 +28,9 @@ def run(cfg, args) -> None:
     failed = []
     if not args.table_only:
         only = tuple(r for r in args.rows.split(",") if r)
-        failed = run_all(cfg, lambda c: pipeline_job.run(absolute_outputs(c), argparse.Namespace(address=args.address)), only)
+        def run_one(run_cfg) -> None:  # one row's run: the pipeline job itself, in this process
+            pipeline_job.run(absolute_outputs(run_cfg), argparse.Namespace(address=args.address))
+        failed = run_all(cfg, run_one, only)
     records = collect(cfg)
     command = " ".join(["python -m jobs.results", *(a for a in sys.argv[1:] if a != "--table-only")])
     write_outputs(cfg, records, summarize(cfg, records), command)

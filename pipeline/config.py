@@ -284,7 +284,6 @@ class ResultsConfig:
     rows: tuple[ResultRow, ...] = ()
     seeds: dict[str, int] = field(default_factory=dict)  # task -> seeds of per-task rows (default 1)
     output: str = "RESULTS.md"  # the table (markdown); the PNG and CSV go beside it
-    latency_seq_len: int = 64
 
     def __post_init__(self) -> None:
         names = [r.name for r in self.rows]

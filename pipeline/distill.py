@@ -57,7 +57,7 @@ def train_worker(ctx: dict[str, Any]) -> None:
 
     cfg: Config = from_dict(Config, ctx["config"])
     stage: StageConfig = from_dict(StageConfig, ctx["stage"])
-    tasks: dict[str, dict] = ctx["tasks"]  # name -> {"kind", "num_outputs", "train_rows"}
+    tasks: dict[str, dict] = ctx["tasks"]  # name -> {"kind", "num_outputs", "metric"}
     world, rank = ray.train.get_context().get_world_size(), ray.train.get_context().get_world_rank()
     torch.manual_seed(ctx["seed"])
     device = rtt.get_device()
@@ -125,7 +125,7 @@ def train_worker(ctx: dict[str, Any]) -> None:
                 break
         log.end_epoch()
         losses = log.epoch_losses()
-        metrics = _evaluate_rank0(net.model, ctx, rank, device, amp, losses)
+        metrics = _evaluate_rank0(net.model, ctx, cfg, rank, device, amp, losses)
         metrics |= {"epoch": epoch, "step": step, "train_examples_per_s": log.rate(),
                     "first_step_unix": log.first_step_unix, **losses,
                     "placement_group": _placement_group_id()}
@@ -191,7 +191,7 @@ def _train_batches(sources: dict, counts: dict[str, int], rank: int, world: int,
         yield task, next(iters[task])
 
 
-def _evaluate_rank0(model, ctx: dict, rank: int, device, amp: bool,
+def _evaluate_rank0(model, ctx: dict, cfg: Config, rank: int, device, amp: bool,
                     losses: dict[str, float]) -> dict[str, float]:
     """Dev metrics of the stage's labeled tasks; `dev_main` is their mean main metric. A stage on
     unlabeled text has no dev metric: its `dev_main` is minus its mean training loss."""
@@ -203,7 +203,7 @@ def _evaluate_rank0(model, ctx: dict, rank: int, device, amp: bool,
     results: dict[str, float] = {}
     for t, info in labeled.items():
         batches = (_collate(tb, None) for tb in eval_batches(ctx["sources"][f"dev:{t}"]))
-        task = data.task_of(from_dict(Config, ctx["config"]).data, t)  # user-declared tasks too
+        task = data.task_of(cfg.data, t)  # user-declared tasks too
         results |= evaluate.evaluate_task(model, batches, task, info["kind"], device, amp, prefix=f"{t}/")
     mains = [results[f"{t}/{info['metric']}"] for t, info in labeled.items()]
     results["dev_main"] = float(np.mean(mains))

@@ -14,7 +14,7 @@ from transformers import AutoConfig, AutoTokenizer
 from pipeline import data
 from pipeline.cache.build import ensure_cache, run_fields
 from pipeline.cache.key import cache_key, check_fields
-from pipeline.cache.reader import columns_of, plan_sets
+from pipeline.cache.reader import columns_of
 from pipeline.train_data import cache_source, table_source
 from pipeline.config import Config, to_dict
 from pipeline.distill import fit
@@ -34,8 +34,7 @@ def cache_for(cfg: Config, teachers: list[Path], task: str, quantities: list[str
     fields, _ = run_fields(cfg, teachers, task, "train")
     key = cache_key(fields)
     check_fields(cfg.cache.root, key, fields)
-    plan_sets(cfg.cache.root, key, quantities)  # clear error naming what is missing
-    return key
+    return key  # reading it (train_data.cache_source) names any missing quantity
 
 
 def cache_needs(cfg: Config, teacher: Path) -> dict[str, list[str]]:
@@ -120,15 +119,12 @@ def distill_student(cfg: Config, teachers_by_task: dict[str, list[Path]], *,
             teachers = teachers_by_task.get(task, teachers_by_task[cfg.data.tasks[0]])
             if cfg.distill.online or not quantities:
                 train = data.load_tokenized(cfg.data, task, "train", tokenizer)
-                sources[f"train:{task}"], rows = table_source(train), len(train)
+                sources[f"train:{task}"] = table_source(train)
             else:
                 key = cache_for(cfg, teachers, task, quantities, build_cache)
-                sets = plan_sets(cfg.cache.root, key, quantities)
-                columns[task] = columns_of(sets)
-                sources[f"train:{task}"] = cache_source(cfg.cache.root, key, quantities)
-                rows = sets[0][0].manifest["rows"]
-            info[task] = {"kind": "unlabeled", "num_outputs": 0, "metric": None, "train_rows": rows,
-                          "train_rows_per_worker": rows // cfg.ray.num_workers}
+                sources[f"train:{task}"] = source = cache_source(cfg.cache.root, key, quantities)
+                columns[task] = columns_of(source.sets())
+            info[task] = {"kind": "unlabeled", "num_outputs": 0, "metric": None}
             if task != data.UNLABELED:
                 t = data.task_of(cfg.data, task)
                 sources[f"dev:{task}"] = table_source(data.load_tokenized(cfg.data, task, "dev", tokenizer))

@@ -56,9 +56,7 @@ def task_sources(cfg: Config, tasks: tuple[str, ...], tokenizer, train_tables: d
         task = data.task_of(cfg.data, t)
         train = train_tables[t] if train_tables else data.load_tokenized(cfg.data, t, "train", tokenizer)
         dev = data.load_tokenized(cfg.data, t, "dev", tokenizer)
-        rows = len(train)
-        info[t] = {"kind": task.kind, "num_outputs": task.num_outputs, "metric": task.metrics[0],
-                   "train_rows": rows, "train_rows_per_worker": rows // cfg.ray.num_workers}
+        info[t] = {"kind": task.kind, "num_outputs": task.num_outputs, "metric": task.metrics[0]}
         sources[f"train:{t}"] = table_source(train)
         sources[f"dev:{t}"] = table_source(dev)
     return info, sources

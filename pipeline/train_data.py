@@ -23,7 +23,7 @@ from typing import Any, Iterator
 import numpy as np
 import pyarrow as pa
 
-from pipeline.batching import list_lengths
+from pipeline.batching import length_sorted_batches, list_lengths
 
 TABLE_WINDOW_BATCHES = 64
 CACHE_WINDOW_SHARDS = 4
@@ -47,6 +47,12 @@ class CacheSource:
     @property
     def rows(self) -> int:
         return sum(self.shard_rows)
+
+    def sets(self) -> list:
+        """The planned shard sets as `reader.plan_sets` gives them: [(ShardSet, quantities)]."""
+        from pipeline.cache.store import ShardSet
+
+        return [(ShardSet(sid, manifest), list(qs)) for sid, manifest, qs in self.plan]
 
 
 def table_source(table: pa.Table) -> TableSource:
@@ -126,10 +132,8 @@ def _cache_windows(source: CacheSource, rank: int, n: int, rng):
 
 def _read_piece(source: CacheSource, shard: int, first: int, end: int) -> pa.Table:
     from pipeline.cache.reader import load_shard
-    from pipeline.cache.store import ShardSet
 
-    plan = [(ShardSet(sid, manifest), list(qs)) for sid, manifest, qs in source.plan]
-    table = load_shard(source.root, source.key, plan, shard)
+    table = load_shard(source.root, source.key, source.sets(), shard)
     return table.slice(first, end - first)
 
 
@@ -155,6 +159,5 @@ def eval_batches(source: TableSource, batch_size: int = 128) -> Iterator[pa.Tabl
     import ray
 
     table = ray.get(source.ref)
-    order = np.argsort(list_lengths(table.column("input_ids")), kind="stable")
-    for i in range(0, len(order), batch_size):
-        yield table.take(order[i:i + batch_size])
+    for rows in length_sorted_batches(list_lengths(table.column("input_ids")), batch_size):
+        yield table.take(rows)

@@ -20,11 +20,14 @@ from pipeline.cache import key as ckey
 from pipeline.cache import store
 from pipeline.cache.schema import SCHEMA_VERSION, Column, columns_for
 
+
 def parquet_options(table: pa.Table) -> dict:
     """Token tensors (fp16/int8 bytes) are stored uncompressed: zstd saved only ~17% on them but
     took longer than the teacher's own forward on a shard; every other column is zstd."""
     return {"use_dictionary": False, "compression": {
         f.name: "none" if pa.types.is_large_binary(f.type) else "zstd" for f in table.schema}}
+
+
 SHARD_FIELDS = ("index", "file", "rows", "bytes", "sha256")  # a shard's entry in the manifest
 
 
