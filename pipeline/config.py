@@ -51,9 +51,12 @@ class RayConfig:
     use_gpu: bool = False
     cpus_per_worker: float = 0.5  # fractional so Ray Data keeps a CPU (2-core machines hang otherwise)
     num_cpus: int = 0  # CPUs for a local Ray; 0 = all of the machine's
+    placement_strategy: str = "PACK"  # training workers: PACK (fewest nodes) or SPREAD (one per node)
 
     def __post_init__(self) -> None:
         _check(self.num_workers >= 1, "num_workers must be >= 1")
+        _one_of(self.placement_strategy, ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
+                "placement_strategy")
         _check(self.cpus_per_worker > 0, "cpus_per_worker must be > 0 (e.g. 0.5)")
         _check(self.num_cpus >= 0, "num_cpus must be >= 0 (0 = all)")
 

@@ -75,6 +75,9 @@ def train_worker(ctx: dict[str, Any]) -> None:
             state = torch.load(Path(d) / STATE_FILE, weights_only=False)
             proj.load_state_dict(state["proj"])
         start_epoch = state["epoch"] + 1
+        if rank == 0:
+            print(f"[raykd] resumed from the epoch {state['epoch']} checkpoint (step {state['step']}) "
+                  f"on {world} worker(s); steps after it are redone", flush=True)
     net = Trainee(model, proj, stage, plan)
     trainee = rtt.prepare_model(net, parallel_strategy_kwargs={"find_unused_parameters": True})
     if teacher is not None:
@@ -312,6 +315,7 @@ def fit(cfg: Config, stage: StageConfig, model_spec: dict, tasks: dict[str, dict
         train_worker, train_loop_config=ctx, torch_config=torch_config(),
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
+            placement_strategy=cfg.ray.placement_strategy,
             resources_per_worker={"CPU": cfg.ray.cpus_per_worker, **({"GPU": 1} if cfg.ray.use_gpu else {})}),
         run_config=ray.train.RunConfig(
             name=run_dir.name, storage_path=str(run_dir.parent),

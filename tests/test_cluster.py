@@ -4,7 +4,8 @@ Against a real multi-node cluster on 127.0.0.1 (cluster/local.py: a head and two
 token auth on): a cache job submitted with JobSubmissionClient writes to S3 (moto on 127.0.0.1)
 from both worker nodes; requests without the token are refused; every listening socket is on
 127.0.0.1; a job submitted with `ray job submit` survives its client being killed and a worker
-node being killed mid-run, and its cache equals the clean run's byte for byte.
+node being killed mid-run, and its cache equals the clean run's byte for byte; a two-node DDP
+distillation that loses a training node resumes from its last checkpoint and finishes.
 Without a cluster: every KubeRay manifest, the cluster-launcher YAML, the runtime env and the
 Dockerfile are checked (required fields, entry points and recipes that exist and load).
 """
@@ -369,3 +370,64 @@ def test_job_survives_its_client_and_a_lost_worker_node(cluster, s3_cache_job, t
         assert store.verify(str(root), key) == []
     print(f"\n[cluster] killed {victim.name} ({killed} processes) with {at_kill}/{n_shards} train shards "
           "written; the job finished on the remaining node with a cache identical to the clean run")
+
+
+def train_actor_nodes(cluster, submission_id: str) -> list[str]:
+    """Nodes of the job's live Ray Train workers (one entry per worker)."""
+    job_ids = {j["job_id"] for j in local.api(cluster, "/api/jobs/") if j["submission_id"] == submission_id}
+    actors = local.api(cluster, "/api/v0/actors?limit=10000")["data"]["result"]["result"]
+    return sorted(a["node_id"] for a in actors if a["class_name"] == "RayTrainWorker"
+                  and a["job_id"] in job_ids and a["state"] == "ALIVE")
+
+
+def test_distillation_resumes_after_losing_a_training_node(cluster, s3, s3_cache_job, tiny_teacher, glue_dir,
+                                                           tmp_path):
+    """Two DDP workers, one per worker node (SPREAD), read the S3 cache; in epoch 1 the node of
+    one of them is killed. Ray Train restarts the group on the node left, from the epoch-0
+    checkpoint (on the shared run dir), and the run finishes all epochs."""
+    assert s3_cache_job.status == "SUCCEEDED"
+    while len([n for n in cluster.nodes if n.name != "head"]) < 2:  # the previous test killed one
+        local.add_worker(cluster)
+    runtime_env = yaml.safe_load((CLUSTER_DIR / "runtime_env.yaml").read_text())
+    runtime_env["working_dir"] = str(REPO)
+    runtime_env["env_vars"] = {**runtime_env["env_vars"], **s3.env}
+    stages = [{"name": "kd", "losses": {"kd": 1, "hard": 1}, "optim": {"epochs": 3, "batch_size": 16, "lr": 1e-3}}]
+    overrides = cache_overrides(tiny_teacher, glue_dir, s3_cache_job.root, tmp_path / "runs",
+                                f"teacher.model={tiny_teacher}", "run.name=fault", "student.layers=2",
+                                "student.hidden=32", "student.heads=4", "student.ffn=64", "ray.num_workers=2",
+                                "ray.placement_strategy=SPREAD", "distill.stages=" + json.dumps(stages))
+    client = job_client(cluster)
+    sid = client.submit_job(entrypoint="python -m jobs.distill " + shlex.join(overrides), runtime_env=runtime_env)
+    deadline = time.monotonic() + 480
+    while "[raykd] epoch 0 step" not in (logs := client.get_job_logs(sid)):
+        assert str(client.get_job_status(sid).value) not in TERMINAL, logs[-3000:]
+        assert time.monotonic() < deadline, "no epoch-0 checkpoint within 480 s"
+        time.sleep(0.5)
+    t_checkpoint = time.monotonic()
+    spread = train_actor_nodes(cluster, sid)
+    workers = {n.node_id: n for n in cluster.nodes if n.name != "head"}
+    assert len(spread) == 2 and set(spread) <= set(workers) and len(set(spread)) == 2, spread
+    time.sleep(5)  # Ray Train's controller registers a reported checkpoint when it next polls
+    before_kill = client.get_job_logs(sid)
+    victim = workers[spread[0]]
+    local.kill_node(cluster, victim.name)
+    t_kill = time.monotonic()
+    assert "[raykd] epoch 1 step" not in before_kill, "epoch 1 had ended before the kill; make epochs longer"
+
+    while "[raykd] resumed from" not in (logs := client.get_job_logs(sid)):
+        assert str(client.get_job_status(sid).value) not in TERMINAL, logs[-3000:]
+        assert time.monotonic() < t_kill + 300, f"no resume within 300 s of the kill:\n{logs[-3000:]}"
+        time.sleep(0.5)
+    t_resumed = time.monotonic()
+    status = wait_for(client, sid)
+    logs = client.get_job_logs(sid)
+    assert status == "SUCCEEDED", logs[-3000:]
+    resumed = re.search(r"resumed from the epoch (\d+) checkpoint \(step (\d+)\) on (\d+) worker", logs)
+    assert resumed and resumed.group(1) == "0", logs[-3000:]
+    assert re.search(r"\[raykd\] epoch 2 step \d+ dev", logs) and "[raykd] student:" in logs
+    assert victim.node_id not in {n["node_id"] for n in local.alive_nodes(cluster)}
+    steps_per_epoch = int(resumed.group(2))
+    print(f"\n[cluster] killed {victim.name} (one of 2 DDP workers) {t_kill - t_checkpoint:.1f} s into "
+          f"epoch 1; resumed {t_resumed - t_kill:.1f} s later from the epoch-0 checkpoint (step "
+          f"{steps_per_epoch}); work lost: at most epoch 1's first {t_kill - t_checkpoint:.1f} s "
+          f"(< 1 epoch of {steps_per_epoch} steps) plus {t_resumed - t_kill:.1f} s of restart")
