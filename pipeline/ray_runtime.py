@@ -38,11 +38,17 @@ def init_ray(cfg: RayConfig, address: str = "") -> str:
 def _quiet_worker_logs_hook():
     """A setup hook for every worker process of a local Ray (started without the dashboard):
     Ray Train's placement-group cleaner polls the dashboard's state API every second and logs a
-    warning each time it is absent, burying the training progress. Defined inside a function
-    so that Ray ships it by value (workers need not import this package to run it)."""
+    warning each time it is absent, burying the training progress; with two local Rays on one
+    machine it also failed on every poll to pick one ("multiple active Ray instances"), so each
+    worker is pointed at its own. Defined inside a function so that Ray ships it by value
+    (workers need not import this package to run it)."""
     def quiet() -> None:
         import logging as log
+        import os
 
+        import ray
+
+        os.environ.setdefault("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
         log.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(
             log.ERROR)
     return quiet
