@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import pickle
 import shutil
 import time
 from dataclasses import dataclass
@@ -311,6 +312,23 @@ def free_placement_group(pg_hex: str) -> None:
         remove_placement_group(PlacementGroup(PlacementGroupID.from_hex(pg_hex)))
 
 
+class KeepSchedulerState(tune.Callback):
+    """Tune 2.60 checkpoints the searcher and the callbacks of an experiment, not its scheduler
+    (TuneController.__getstate__ drops it): a restored sweep's ASHA forgot every rung value
+    recorded before the interruption, so the first trials after a resume were stopped against
+    nothing. Its state rides in this callback's. Tuner.restore unpickles the callback and the
+    scheduler from one tuner.pkl, so `scheduler` is the restored sweep's own."""
+
+    def __init__(self, scheduler):
+        self.scheduler = scheduler
+
+    def get_state(self) -> dict:
+        return {"scheduler": pickle.dumps(self.scheduler.__dict__)}
+
+    def set_state(self, state: dict) -> None:
+        self.scheduler.__dict__.update(pickle.loads(state["scheduler"]))
+
+
 def make_tuner(cfg: Config, dirs: dict, setup: TrialSetup, searcher, scheduler, concurrency: int):
     trainable = tune.with_resources(tune.with_parameters(run_trial, setup=setup),
                                     {"CPU": DRIVER_CPUS})
@@ -324,7 +342,7 @@ def make_tuner(cfg: Config, dirs: dict, setup: TrialSetup, searcher, scheduler, 
                                     num_samples=cfg.sweep.num_samples,
                                     max_concurrent_trials=concurrency),
         run_config=tune.RunConfig(name=cfg.run.name, storage_path=dirs["storage"],
-                                  callbacks=[TrialProgress()],
+                                  callbacks=[TrialProgress(), KeepSchedulerState(scheduler)],
                                   checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
                                   failure_config=tune.FailureConfig(max_failures=0)))
 

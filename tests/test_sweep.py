@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import pickle
 import random
 import signal
 import subprocess
@@ -206,6 +207,31 @@ def test_pareto_front_keeps_only_unbeaten_finished_trials():
     assert pareto_mask(t, "dev_main", "max", "latency_bs1_ms").tolist() == [True, True, False, False, False]
 
 
+def test_asha_rungs_survive_a_restore(toy):
+    """A restored sweep gets a fresh scheduler from tuner.pkl plus the callbacks' saved state:
+    with KeepSchedulerState a bad first trial after the resume is stopped against a rung value
+    recorded before the interruption; a scheduler restored alone (what Tune does) lets it run."""
+    from ray.tune.experiment import Trial
+    from ray.tune.schedulers import TrialScheduler
+
+    from pipeline.sweep import KeepSchedulerState, make_scheduler
+
+    cfg = toy_cfg(toy)
+    before = make_scheduler(cfg, [cfg])
+    good = Trial("run_trial", stub=True, trial_id="good")
+    before.on_trial_add(None, good)
+    assert before.on_trial_result(None, good, {"training_iteration": 1, "dev_main": 0.9}) == TrialScheduler.CONTINUE
+    saved = pickle.loads(pickle.dumps(KeepSchedulerState(before).get_state()))  # to disk and back
+
+    for keep_state, expected in ((True, TrialScheduler.STOP), (False, TrialScheduler.CONTINUE)):
+        restored = make_scheduler(cfg, [cfg])
+        if keep_state:
+            KeepSchedulerState(restored).set_state(saved)
+        bad = Trial("run_trial", stub=True, trial_id="bad")
+        restored.on_trial_add(None, bad)
+        assert restored.on_trial_result(None, bad, {"training_iteration": 1, "dev_main": 0.5}) == expected
+
+
 # ---------------------------------------------------------------- one real sweep (Ray)
 
 
@@ -224,7 +250,7 @@ def sweep_cli(toy: dict, seed: int, popen: bool = False):
 
 def seed_good_then_bad(toy) -> int:
     """A seed whose first two trials take the good, then the bad learning rate: ASHA then has a
-    trial to stop before the interruption (its rung records are not kept across a restore)."""
+    trial to stop before the interruption (and later trials have a rung value to meet)."""
     cfg = toy_cfg(toy)
     for seed in range(100):
         search = ConstrainedSearch(make_space(cfg), constraints_for(cfg), "dev_main", "max", seed, os.devnull)
