@@ -31,9 +31,11 @@ def parse(description: str, argv: list[str] | None = None,
 
 
 def absolute_outputs(cfg: Config) -> Config:
-    """run.output_dir and cache.root as absolute paths (URIs unchanged), so the driver and the
-    workers on every node mean the same place whatever their working directory."""
+    """run.output_dir, run.storage_path, cache.root and teacher.dir as absolute paths (URIs
+    unchanged), so the driver and the workers on every node mean the same place whatever their
+    working directory."""
     relative = {key: value for key, value in (("run.output_dir", cfg.run.output_dir),
+                                              ("run.storage_path", cfg.run.storage_path),
                                               ("cache.root", cfg.cache.root), ("teacher.dir", cfg.teacher.dir))
                 if value and "://" not in value and not os.path.isabs(value)}
     return replace(cfg, {k: os.path.abspath(v) for k, v in relative.items()}) if relative else cfg
@@ -97,7 +99,8 @@ def _our_error(e: BaseException) -> BaseException | None:
 
 
 def save_resolved(cfg: Config, run_dir, outputs: tuple[str, ...] = ("run.output_dir", "cache.root")) -> None:
-    """Every run keeps the exact config it ran with (after checking its `outputs` will be kept)."""
-    check_outputs_kept(cfg, outputs)
+    """Every run keeps the exact config it ran with (after checking its `outputs` will be kept,
+    Ray Train's checkpoints in run.storage_path too)."""
+    check_outputs_kept(cfg, outputs + (("run.storage_path",) if cfg.run.storage_path else ()))
     run_dir.mkdir(parents=True, exist_ok=True)
     save(cfg, run_dir / "config.yaml")

@@ -39,9 +39,15 @@ class RunConfig:
     name: str = "sst2"  # run name: outputs go to <output_dir>/<name>/
     output_dir: str = "runs"  # local path or URI for run outputs (teachers, students, reports)
     seed: int = 0
+    # where Ray Train keeps training checkpoints (teachers and students): "" = a .ray_train folder
+    # beside the trained folders in the run dir; else a path every node shares or a URI (s3://...)
+    storage_path: str = ""
 
     def __post_init__(self) -> None:
         _check(bool(self.name) and "/" not in self.name, "name must be non-empty, without '/'")
+        _check(self.storage_path == self.storage_path.strip(),
+               f"storage_path={self.storage_path!r} has surrounding whitespace; pass \"\" (beside the "
+               "run's outputs), a shared path or a URI such as s3://bucket/train")
 
 
 @dataclass(frozen=True)

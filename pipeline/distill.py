@@ -5,6 +5,7 @@ all this loop: they differ only in the stage's losses and where `t_*` batch keys
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -19,13 +20,15 @@ from torch import nn
 
 from pipeline import data, evaluate, models
 from pipeline.batching import collate_inputs, task_schedule
+from pipeline.cache import store
 from pipeline.config import Config, StageConfig, from_dict
 from pipeline.ray_runtime import torch_config
 from pipeline.objective import build_projections, compute_loss, make_plan, teacher_batch
 from pipeline.train_data import eval_batches, num_batches, worker_batches
 
 STATE_FILE = "train_state.pt"
-NONFINITE_FILE = "nonfinite-rank{rank}.txt"  # in the run's storage folder; fit() raises it
+NONFINITE_FILE = "nonfinite-rank{rank}.txt"  # in the run's Ray Train folder; fit() raises it
+CRASH_MARKER = "test_crash.marker"
 CRASH_ENV = "RAYKD_TEST_CRASH_AT_STEP"  # tests only: rank 0 exits once at this step
 
 
@@ -123,7 +126,7 @@ def train_worker(ctx: dict[str, Any]) -> None:
             step += 1
             log.step(step, epoch, len(table), terms)
             if rank == 0 and step == ctx.get("test_crash_at_step"):
-                _test_crash_once(Path(ctx["run_dir"]) / "test_crash.marker")
+                _test_crash_once(ctx["storage"])
             if step >= total:
                 break
         log.end_epoch()
@@ -162,17 +165,18 @@ def _record_nonfinite(ctx, rank, loss, step, epoch, task, terms) -> None:
            + ", ".join(f"{k}={v:.4g}" for k, v in terms.items())
            + "; the last good checkpoint is kept — lower the lr or disable bf16 (optim.bf16=false)")
     print(f"[raykd] {msg}", flush=True)
-    (Path(ctx["run_dir"]) / NONFINITE_FILE.format(rank=rank)).write_text(msg)
+    store.write_atomic(*_storage_file(ctx["storage"], NONFINITE_FILE.format(rank=rank)), msg.encode())
 
 
-def _test_crash_once(marker: Path) -> None:
+def _test_crash_once(storage: dict[str, str]) -> None:
     """Test hook (env RAYKD_TEST_CRASH_AT_STEP on the driver): kill this worker process once,
     to exercise resume from the last checkpoint. The marker keeps the retry alive."""
-    if not marker.exists():
+    fs, marker = _storage_file(storage, CRASH_MARKER)
+    if not store.exists(fs, marker):
         # Ray Train's controller learns of a reported checkpoint when it next polls the workers;
         # give it time, so the crash tests resume rather than a report lost to the race.
         time.sleep(10)
-        marker.write_text("crashed")
+        store.write_atomic(fs, marker, b"crashed")
         print(f"[raykd] test hook: worker exits at step as asked by {CRASH_ENV}", flush=True)
         os._exit(1)
 
@@ -300,16 +304,14 @@ def fit(cfg: Config, stage: StageConfig, model_spec: dict, tasks: dict[str, dict
     from ray.train.torch import TorchTrainer
 
     out_dir = Path(out_dir).resolve()
-    run_dir = out_dir.parent / ".ray_train" / f"{out_dir.name}_train"  # Ray Train's storage
-    run_dir.mkdir(parents=True, exist_ok=True)
-    for stale in run_dir.glob(NONFINITE_FILE.format(rank="*")):
-        stale.unlink()
+    storage = train_storage(cfg, out_dir)
+    _take_nonfinite(storage, cfg.ray.num_workers)  # a previous attempt's, if any
     heads = heads or {t: v["num_outputs"] for t, v in tasks.items()}
     ctx = {"config": _plain(cfg), "stage": _plain(stage), "model": model_spec, "tasks": tasks,
            "heads": heads, "sources": sources,
            "teacher_layers": teacher_layers, "teacher_width": teacher_width,
            "cache_columns": cache_columns, "online_teacher": online_teacher,
-           "seed": cfg.run.seed if seed is None else seed, "run_dir": str(run_dir),
+           "seed": cfg.run.seed if seed is None else seed, "storage": storage,
            "test_crash_at_step": int(os.environ.get(CRASH_ENV, 0)) or None}
     trainer = TorchTrainer(
         train_worker, train_loop_config=ctx, torch_config=torch_config(),
@@ -318,24 +320,55 @@ def fit(cfg: Config, stage: StageConfig, model_spec: dict, tasks: dict[str, dict
             placement_strategy=cfg.ray.placement_strategy,
             resources_per_worker={"CPU": cfg.ray.cpus_per_worker, **({"GPU": 1} if cfg.ray.use_gpu else {})}),
         run_config=ray.train.RunConfig(
-            name=run_dir.name, storage_path=str(run_dir.parent),
+            name=storage["name"], storage_path=storage["path"],
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=2, checkpoint_score_attribute="dev_main", checkpoint_score_order="max"),
             failure_config=ray.train.FailureConfig(max_failures=2), callbacks=list(callbacks)),
     )
     result = trainer.fit()  # raises when workers keep failing after max_failures retries
-    if reasons := sorted(run_dir.glob(NONFINITE_FILE.format(rank="*"))):
-        raise NonFiniteLoss(reasons[0].read_text())
+    if reason := _take_nonfinite(storage, cfg.ray.num_workers):
+        raise NonFiniteLoss(reason)
     best = result.get_best_checkpoint(metric="dev_main", mode="max") or result.checkpoint
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    with best.as_directory() as d:
+    with best.as_directory() as d:  # a download when the storage is a URI
         shutil.copytree(Path(d) / "model", tmp / "model")
     metrics = dict(_best_metrics(result, best))
     (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
     shutil.rmtree(out_dir, ignore_errors=True)
     os.replace(tmp, out_dir)
     return metrics
+
+
+def train_storage(cfg: Config, out_dir: Path) -> dict[str, str]:
+    """Ray Train's storage for the run that writes out_dir: {"path": a local path or URI, "name":
+    the experiment folder in it}. By default `<out_dir.parent>/.ray_train/<out_dir.name>_train`;
+    under run.storage_path, which many runs share, the name also holds the run name and a hash of
+    out_dir, so no two runs share an experiment folder."""
+    if not cfg.run.storage_path:
+        return {"path": str(out_dir.parent / ".ray_train"), "name": f"{out_dir.name}_train"}
+    path = cfg.run.storage_path
+    digest = hashlib.sha256(str(out_dir).encode()).hexdigest()[:10]
+    return {"path": path if "://" in path else os.path.abspath(path),
+            "name": f"{cfg.run.name}-{out_dir.name}-{digest}_train"}
+
+
+def _storage_file(storage: dict[str, str], file: str):
+    """(pyarrow filesystem, path) of a file in the run's Ray Train folder, for the driver and
+    every worker alike, wherever they run."""
+    fs, base = store.filesystem(storage["path"])
+    return fs, store.join(base, storage["name"], file)
+
+
+def _take_nonfinite(storage: dict[str, str], world: int) -> str:
+    """The lowest rank's non-finite-loss message ("" if none), deleting every rank's file."""
+    reasons = []
+    for rank in range(world):
+        fs, path = _storage_file(storage, NONFINITE_FILE.format(rank=rank))
+        if store.exists(fs, path):
+            reasons.append(store.read_bytes(fs, path).decode())
+            fs.delete_file(path)
+    return reasons[0] if reasons else ""
 
 
 def _best_metrics(result, best) -> dict:

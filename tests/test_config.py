@@ -40,6 +40,7 @@ def test_yaml_recipe_merges_sections(tmp_path):
     ("distill.stages.7.temperature=2", ["index 7 out of range"]),
     ("teacher.mode=triple", ["mode='triple'"]),
     ("novalue", ["key=value"]),
+    ("run.storage_path=' s3://bucket/train'", ["storage_path=' s3://bucket/train'", "whitespace"]),
 ])
 def test_bad_values_name_the_key(override, words):
     with pytest.raises(ConfigError) as e:

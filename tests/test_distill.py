@@ -1,7 +1,8 @@
 """The objective (plans, quantities, every loss through `compute_loss`, online == cached teacher
 batches) without Ray, then the one training loop under real Ray Train on 64 GLUE rows: every
 loss from the cache over two chained stages, DDP == one worker, resume after a killed worker
-(BiLSTM on a pair task), NaN stops with a clear error, a missing cached quantity, online mode.
+(BiLSTM on a pair task), NaN stops with a clear error, a missing cached quantity, online mode,
+checkpoints and the NaN message in S3 (moto on 127.0.0.1, `run.storage_path`).
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import time
 from pathlib import Path
 
 import pandas as pd
+import pyarrow.fs as pafs
 import pytest
 import torch
 from transformers import AutoTokenizer, BertConfig, BertModel
@@ -21,9 +23,10 @@ from pipeline.cache.build import ensure_cache
 from pipeline.cache.compute import teacher_columns
 from pipeline.cache.reader import collate_teacher
 from pipeline.cache.schema import columns_for
+from pipeline.cache import store
 from pipeline.cache.store import CacheError
 from pipeline.config import LOSS_NAMES, StageConfig, load
-from pipeline.distill import CRASH_ENV, STATE_FILE, NonFiniteLoss, Trainee
+from pipeline.distill import CRASH_ENV, STATE_FILE, NonFiniteLoss, Trainee, train_storage
 from pipeline.encoder import EncoderClassifier
 from pipeline.errors import ConfigError
 from pipeline.objective import (build_projections, check_stage, compute_loss, make_plan,
@@ -386,6 +389,42 @@ def test_nonfinite_loss_stops_with_step_and_terms(tiny_teacher, shared_cache, tm
         distill_student(cfg, {"sst2": [tiny_teacher]})
     assert not (tmp_path / "sst2" / "student" / "stage0-nan").exists()
     print(f"nan run: {time.perf_counter() - t0:.1f} s")
+
+
+def test_train_storage_names_one_experiment_per_output_folder(tmp_path):
+    default = tiny_cfg(tmp_path, tmp_path)
+    assert train_storage(default, tmp_path / "a" / "student" / "s0") == {
+        "path": str(tmp_path / "a" / "student" / ".ray_train"), "name": "s0_train"}
+    shared = tiny_cfg(tmp_path, tmp_path, "run.name=r1", "run.storage_path=s3://bucket/train?region=x")
+    one, two = (train_storage(shared, tmp_path / run / "student" / "s0") for run in ("a", "b"))
+    assert one["path"] == two["path"] == "s3://bucket/train?region=x"
+    assert one["name"] != two["name"] and one["name"].startswith("r1-s0-")  # same run name, stage
+    relative = tiny_cfg(tmp_path, tmp_path, "run.storage_path=rel")
+    assert Path(train_storage(relative, tmp_path / "s0")["path"]).is_absolute()
+
+
+def test_checkpoints_and_nonfinite_message_in_s3(tiny_teacher, shared_cache, s3, tmp_path):
+    """run.storage_path on S3: Ray Train's checkpoints land there (nothing under the run dir),
+    the student comes back from the best one, and a worker's non-finite-loss message reaches
+    the driver through the bucket."""
+    storage = s3.keyed_uri(f"train-{tmp_path.name}")  # keys in the URI: ray_local predates them
+    fs, base = store.filesystem(s3.uri(f"train-{tmp_path.name}"))
+    kd = {"name": "kd", "losses": {"kd": 1, "hard": 1}, "optim": {"epochs": 1, "batch_size": 32, "lr": 1e-3}}
+    cfg = tiny_cfg(tmp_path, tiny_teacher, f"run.storage_path={storage}", stages_yaml(kd),
+                   cache_root=shared_cache)
+    final = distill_student(cfg, {"sst2": [tiny_teacher]})
+    assert isinstance(models.load_model(final / "model"), EncoderClassifier)
+    assert json.loads((final / "metrics.json").read_text())["step"] == 2
+    assert not (final.parent / ".ray_train").exists()
+    files = [i.path for i in fs.get_file_info(pafs.FileSelector(base, recursive=True))]
+    experiment = train_storage(cfg, final)["name"]
+    states = [f for f in files if f.startswith(f"{base}/{experiment}/") and f.endswith(f"/{STATE_FILE}")]
+    assert len(states) == 1 and "/checkpoint_" in states[0], files
+
+    nan = tiny_cfg(tmp_path, tiny_teacher, f"run.storage_path={storage}", stages_yaml(
+        kd | {"name": "nan", "optim": {"epochs": 1, "batch_size": 16, "lr": 1e30}}), cache_root=shared_cache)
+    with pytest.raises(NonFiniteLoss, match=r"non-finite loss at step 2 \(epoch 0, task sst2.*kd="):
+        distill_student(nan, {"sst2": [tiny_teacher]})
 
 
 def test_missing_cached_quantity_lists_what_the_cache_holds(tiny_teacher, shared_cache, tmp_path):
