@@ -66,9 +66,13 @@ def sweep_dirs(cfg: Config) -> dict[str, str]:
     """experiment (Tune's, maybe a URI), trials and results (local), teacher view (local)."""
     local = run_dir(cfg)
     storage = cfg.sweep.storage_path or str(local / "sweep")
-    if "://" not in storage:
+    if "://" in storage:  # the run name joins the URI's path, before its query (endpoint, region)
+        path, sep, query = storage.partition("?")
+        experiment = f"{path.rstrip('/')}/{cfg.run.name}{sep}{query}"
+    else:
         storage = str(Path(storage).resolve())
-    return {"storage": storage, "experiment": storage.rstrip("/") + "/" + cfg.run.name,
+        experiment = f"{storage}/{cfg.run.name}"
+    return {"storage": storage, "experiment": experiment,
             "trials": str(local / "sweep_trials"), "results": str(local / "sweep_results"),
             "teacher_view": str(local / "sweep_teacher")}
 
@@ -270,8 +274,8 @@ def _student_path(result) -> str | None:
     if result.checkpoint is None:
         return None
     path = result.checkpoint.path
-    if "://" in result.checkpoint.filesystem.type_name or not Path(path).is_dir():
-        return result.checkpoint.to_directory()  # a remote storage path: fetch it
+    if result.checkpoint.filesystem.type_name != "local":
+        return result.checkpoint.to_directory()  # remote storage ("s3", "gcs", ...): fetch it
     return path
 
 

@@ -1,11 +1,12 @@
-"""Sweeps: the search space and its constraints (no Ray), then one real sweep end to end.
+"""Sweeps: the search space and its constraints (no Ray), then real sweeps end to end.
 
 The end-to-end test runs `python -m jobs.sweep` (real Ray Tune, Ray Train and the Arrow cache)
 on a tiny random teacher and a synthetic task in GLUE's SST-2 format: a sentence is positive
 when it holds "great", negative when it holds "awful", among filler words. A good learning rate
 learns that within one epoch and a tiny one does not, so ASHA has something to stop. The sweep
 is interrupted after two trials, the teacher's weights are deleted, and the same command
-resumes it: finished trials are not rerun and no trial ever loads the teacher.
+resumes it: finished trials are not rerun and no trial ever loads the teacher. A second, smaller
+sweep keeps its Tune storage on S3 (moto on 127.0.0.1) and exports from checkpoints fetched back.
 """
 from __future__ import annotations
 
@@ -235,13 +236,15 @@ def test_asha_rungs_survive_a_restore(toy):
 # ---------------------------------------------------------------- one real sweep (Ray)
 
 
-def sweep_cli(toy: dict, seed: int, popen: bool = False):
+def sweep_cli(toy: dict, seed: int, *extra: str, popen: bool = False, creds: dict | None = None):
+    """`python -m jobs.sweep` on the toy recipe (extra overrides last; creds: more env vars)."""
     # its own Ray, which the job itself must keep on 127.0.0.1 (no loopback variables given)
     env = {k: v for k, v in os.environ.items()
            if k not in ("RAY_ADDRESS", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")}
-    env |= {"PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env |= {"PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+            **(creds or {})}
     cmd = [sys.executable, "-m", "jobs.sweep", "--config", RECIPE, *path_overrides(toy),
-           f"run.seed={seed}", "sweep.constraints={latency_bs1_ms: 1000, params: 1}"]
+           f"run.seed={seed}", "sweep.constraints={latency_bs1_ms: 1000, params: 1}", *extra]
     kw = dict(cwd=REPO, env=env, text=True, start_new_session=True)
     if popen:
         return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **kw)
@@ -338,4 +341,51 @@ def test_sweep_asha_results_no_teacher_and_resume(toy):
     from transformers import AutoModelForSequenceClassification
     for name in ("best", "latency_bs1_ms_le_1000"):
         model = AutoModelForSequenceClassification.from_pretrained(results / "export" / name / "sst2")
+        assert model.config.num_hidden_layers == 1
+
+
+@pytest.mark.timeout(900)  # ~2-3 min: Ray start-up and two 1-epoch trials, one at a time
+def test_sweep_on_s3_keeps_state_checkpoints_and_results_in_the_bucket(toy, s3, tmp_path):
+    """sweep.storage_path on S3 (moto on 127.0.0.1): Tune's experiment state and every trial's
+    checkpoint land in the bucket, nothing in <run dir>/sweep; the table, Pareto PNG and exports
+    are written to the local sweep_results and copied to <experiment>/results; the best student
+    is exported from its checkpoint fetched back from S3."""
+    import pyarrow.fs as pafs
+    from transformers import AutoModelForSequenceClassification
+
+    proc = sweep_cli(toy, 0, "run.name=sweep_s3", f"sweep.storage_path={s3.uri('sweeps')}",
+                     "sweep.num_samples=2", "sweep.scheduler=fifo", "distill.stages.0.optim.epochs=1",
+                     creds=s3.env)
+    assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])
+    run = toy["root"] / "runs/sweep_s3"
+    results = run / "sweep_results"
+    summary = json.loads((results / "summary.json").read_text())
+    assert summary["experiment"] == s3.uri("sweeps/sweep_s3")  # the run name in the path, not the query
+    assert summary["finished"] == 2 and not (run / "sweep").exists()
+
+    fs, base = pafs.FileSystem.from_uri(summary["experiment"])
+    files = {i.path[len(base) + 1:]: i for i in fs.get_file_info(pafs.FileSelector(base, recursive=True))
+             if i.type == pafs.FileType.File}
+    assert "tuner.pkl" in files and any(f.startswith("experiment_state-") for f in files), sorted(files)
+    table = pd.read_parquet(results / "trials.parquet")
+    for row in table.itertuples():  # one checkpoint per trial (num_to_keep=1), fetched for export
+        metrics = [f for f in files if f.startswith(f"run_trial_{row.trial_id}_")
+                   and f.split("/")[1].startswith("checkpoint_") and f.endswith("/metrics.json")]
+        assert len(metrics) == 1, (row.trial_id, sorted(files))
+        assert (Path(row.student) / "metrics.json").read_bytes() == fs.open_input_stream(
+            f"{base}/{metrics[0]}").read()
+
+    def published(name: str) -> bytes:
+        return fs.open_input_stream(f"{base}/results/{name}").read()
+
+    png = (results / "pareto.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and published("pareto.png") == png
+    for name in ("trials.parquet", "trials.csv", "summary.json"):
+        assert published(name) == (results / name).read_bytes(), name
+
+    best = summary["exports"]["best"]
+    assert best["trial_id"] in set(table["trial_id"]) and best["path"] == str(results / "export/best")
+    pafs.copy_files(f"{base}/results/export/best", str(tmp_path / "best"), source_filesystem=fs)
+    for folder in (results / "export/best/sst2", tmp_path / "best/sst2"):
+        model = AutoModelForSequenceClassification.from_pretrained(folder)
         assert model.config.num_hidden_layers == 1
