@@ -235,8 +235,10 @@ def run_trial(params: dict, setup: TrialSetup) -> None:
                 checkpoint=tune.Checkpoint.from_directory(str(final)))
 
 
-def trial_record(result, statuses: dict[str, str], keys: list[str], metric: str, mode: str) -> dict:
-    """A Tune Result (and the Tune status of every trial) -> one table row (plain values)."""
+def trial_record(result, statuses: dict[str, str], keys: list[str], metric: str, mode: str,
+                 fetch_dir: Path) -> dict:
+    """A Tune Result (and the Tune status of every trial) -> one table row (plain values); a
+    finished trial's checkpoint on remote storage is fetched to fetch_dir/<trial_id>."""
     hist = result.metrics_dataframe
     last = result.metrics or {}
     trial_id = last.get("trial_id") or Path(result.path).name.split("_")[2]  # run_trial_<id>_...
@@ -257,7 +259,7 @@ def trial_record(result, statuses: dict[str, str], keys: list[str], metric: str,
             "time_s": last.get("time_total_s", math.nan), **_timing(epochs),
             "cache_sets_written": last.get("cache_sets_written", math.nan),
             "error": str(result.error).splitlines()[0][:300] if result.error else "",
-            "student": _student_path(result) if status == "finished" else None}
+            "student": _student_path(result, fetch_dir / trial_id) if status == "finished" else None}
     return row
 
 
@@ -270,13 +272,17 @@ def _timing(epochs) -> dict[str, float]:
             "train_s": float((stages - stages.index.to_numpy()).sum())}
 
 
-def _student_path(result) -> str | None:
+def _student_path(result, fetch_to: Path) -> str | None:
     if result.checkpoint is None:
         return None
-    path = result.checkpoint.path
-    if result.checkpoint.filesystem.type_name != "local":
-        return result.checkpoint.to_directory()  # remote storage ("s3", "gcs", ...): fetch it
-    return path
+    if result.checkpoint.filesystem.type_name != "local":  # remote storage ("s3", "gcs", ...)
+        if not fetch_to.is_dir():
+            tmp = fetch_to.with_name(fetch_to.name + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            result.checkpoint.to_directory(str(tmp))
+            tmp.rename(fetch_to)
+        return str(fetch_to)
+    return result.checkpoint.path
 
 
 class TrialProgress(tune.Callback):
@@ -422,7 +428,8 @@ def summarize(cfg: Config, results, facts: dict, results_dir: Path):
     the exports."""
     metric, mode = cfg.sweep.metric, cfg.sweep.mode
     statuses = {t.trial_id: t.status for t in tune.ExperimentAnalysis(facts["experiment"]).trials}
-    records = [trial_record(r, statuses, list(cfg.sweep.space), metric, mode) for r in results]
+    records = [trial_record(r, statuses, list(cfg.sweep.space), metric, mode, results_dir / "checkpoints")
+               for r in results]
     table = sweep_results.trials_table(records, metric, mode, cfg.sweep.cost_metric)
     sweep_results.write_tables(table, results_dir)
     done = results.num_terminated + results.num_errors
