@@ -58,6 +58,9 @@ class RayConfig:
     cpus_per_worker: float = 0.5  # fractional so Ray Data keeps a CPU (2-core machines hang otherwise)
     num_cpus: int = 0  # CPUs for a local Ray; 0 = all of the machine's
     placement_strategy: str = "PACK"  # training workers: PACK (fewest nodes) or SPREAD (one per node)
+    # torch CPU threads per training worker; 0 = the node's cores split among this run's workers
+    # there (sweeps running trials side by side set it, so trials do not oversubscribe the cores)
+    threads_per_worker: int = 0
 
     def __post_init__(self) -> None:
         _check(self.num_workers >= 1, "num_workers must be >= 1")
@@ -65,6 +68,7 @@ class RayConfig:
                 "placement_strategy")
         _check(self.cpus_per_worker > 0, "cpus_per_worker must be > 0 (e.g. 0.5)")
         _check(self.num_cpus >= 0, "num_cpus must be >= 0 (0 = all)")
+        _check(self.threads_per_worker >= 0, "threads_per_worker must be >= 0 (0 = the node's cores)")
 
 
 @dataclass(frozen=True)

@@ -65,7 +65,8 @@ def train_worker(ctx: dict[str, Any]) -> None:
     torch.manual_seed(ctx["seed"])
     device = rtt.get_device()
     if device.type == "cpu":  # Ray pins fractional-CPU workers to 1 thread; use the node's cores
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // ray.train.get_context().get_local_world_size()))
+        torch.set_num_threads(cfg.ray.threads_per_worker or max(
+            1, (os.cpu_count() or 1) // ray.train.get_context().get_local_world_size()))
 
     model = models.build(ctx["model"], ctx["heads"])
     teacher = models.build(ctx["online_teacher"], {}) if ctx.get("online_teacher") else None

@@ -339,6 +339,17 @@ class KeepSchedulerState(tune.Callback):
         self.scheduler.__dict__.update(pickle.loads(state["scheduler"]))
 
 
+def share_threads(cfg: Config, concurrency: int, resources: dict) -> Config:
+    """Trials side by side on CPUs each get their share of the cores: every worker taking all
+    of its node's cores (the default for one run) oversubscribes them, and torch's threads then
+    wait on each other: on 2 cores, a teacher trained next to another run that way at 15 ex/s,
+    against 230 alone."""
+    if concurrency <= 1 or cfg.ray.use_gpu or cfg.ray.threads_per_worker:
+        return cfg
+    share = int(resources.get("CPU", 1) // (concurrency * cfg.ray.num_workers))
+    return replace(cfg, {"ray.threads_per_worker": max(1, share)})
+
+
 def make_tuner(cfg: Config, dirs: dict, setup: TrialSetup, searcher, scheduler, concurrency: int):
     trainable = tune.with_resources(tune.with_parameters(run_trial, setup=setup),
                                     {"CPU": DRIVER_CPUS})
@@ -400,9 +411,10 @@ def run_sweep(cfg: Config, *, build_cache: bool = True, address: str = "",
 
     keys, built = prepare_cache(cfg, teachers, quantities, build_cache, config_path)
     check_same_sweep(cfg, dirs["experiment"], results_dir)
+    concurrency = trial_concurrency(cfg, ray.cluster_resources())
+    cfg = share_threads(cfg, concurrency, ray.cluster_resources())
     setup = TrialSetup(to_dict(cfg), teacher_view(teachers, Path(dirs["teacher_view"])),
                        dirs["trials"], keys)
-    concurrency = trial_concurrency(cfg, ray.cluster_resources())
     searcher = make_searcher(cfg, space, constraints, str(results_dir / "rejected.jsonl"), goals)
     print(f"[raykd sweep] {cfg.sweep.num_samples} trials, {concurrency} at a time, "
           f"{cfg.sweep.scheduler} + {cfg.sweep.searcher}; cache {list(keys)} holds {quantities}",

@@ -41,6 +41,8 @@ def test_yaml_recipe_merges_sections(tmp_path):
     ("teacher.mode=triple", ["mode='triple'"]),
     ("novalue", ["key=value"]),
     ("run.storage_path=' s3://bucket/train'", ["storage_path=' s3://bucket/train'", "whitespace"]),
+    ("ray.placement_strategy=spread", ["placement_strategy='spread'", "SPREAD"]),
+    ("ray.threads_per_worker=-1", ["threads_per_worker must be >= 0"]),
 ])
 def test_bad_values_name_the_key(override, words):
     with pytest.raises(ConfigError) as e:

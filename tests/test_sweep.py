@@ -208,6 +208,16 @@ def test_pareto_front_keeps_only_unbeaten_finished_trials():
     assert pareto_mask(t, "dev_main", "max", "latency_bs1_ms").tolist() == [True, True, False, False, False]
 
 
+def test_trials_side_by_side_share_the_cores(toy):
+    from pipeline.sweep import share_threads
+
+    cfg = toy_cfg(toy, "ray.num_workers=2")
+    assert share_threads(cfg, 2, {"CPU": 16}).ray.threads_per_worker == 4  # 16 cores / (2 trials x 2)
+    assert share_threads(cfg, 3, {"CPU": 4}).ray.threads_per_worker == 1  # never 0
+    assert share_threads(cfg, 1, {"CPU": 16}) is cfg  # one trial: all of the node's cores
+    assert share_threads(toy_cfg(toy, "ray.threads_per_worker=3"), 2, {"CPU": 16}).ray.threads_per_worker == 3
+
+
 def test_asha_rungs_survive_a_restore(toy):
     """A restored sweep gets a fresh scheduler from tuner.pkl plus the callbacks' saved state:
     with KeepSchedulerState a bad first trial after the resume is stopped against a rung value
