@@ -172,7 +172,10 @@ class ConstrainedSearch(Searcher):
     """A Ray Tune Searcher that draws until the configuration meets the constraints.
 
     inner=None draws at random (seeded); otherwise configurations come from `inner` (Optuna) and
-    each rejected one is told to it as failed. Every rejection is appended to `log_path`.
+    each rejected one is told to it as a finished trial as bad as the worst seen on every
+    objective. (Told as failed, TPE learnt nothing from it: on the SST-2 sweep it kept drawing
+    hidden=256 with 8 or 12 heads, 1000 rejections in a row.) Every rejection is appended to
+    `log_path`.
     """
 
     def __init__(self, space: dict[str, Any], constraints: Constraints, metric, mode, seed: int,
@@ -182,6 +185,7 @@ class ConstrainedSearch(Searcher):
         self.rng = np.random.default_rng(seed)
         self.log_path, self.max_draws = log_path, max_draws
         self.inner_ids: dict[str, str] = {}
+        self.worst: dict[str, float] = {}  # per objective, over finished trials
 
     def set_search_properties(self, metric, mode, config, **spec) -> bool:
         return True  # metric, mode and space are ours; Tune's param_space stays empty
@@ -195,7 +199,7 @@ class ConstrainedSearch(Searcher):
                 self.inner_ids[trial_id] = inner_id
                 return params
             if self.inner:
-                self.inner.on_trial_complete(inner_id, None, error=True)
+                self.inner.on_trial_complete(inner_id, self._penalty())
             self._record(trial_id, params, problems)
         raise ConfigError(f"sweep: {self.max_draws} draws in a row broke the constraints; "
                           f"see {self.log_path}")
@@ -213,14 +217,27 @@ class ConstrainedSearch(Searcher):
         if self.inner and trial_id in self.inner_ids:
             ok = result is not None and self._has_metrics(result)
             self.inner.on_trial_complete(self.inner_ids[trial_id], result if ok else None, error)
+            if ok:
+                for m, mode in self._objectives():
+                    worse = min if mode == "max" else max
+                    self.worst[m] = worse(self.worst.get(m, result[m]), result[m])
+
+    def _objectives(self) -> list[tuple[str, str]]:
+        if isinstance(self.metric, list):
+            return list(zip(self.metric, self.mode))
+        return [(self.metric, self.mode)]
+
+    def _penalty(self) -> dict[str, float]:
+        """A rejected draw's result: the worst value seen per objective (a large one before any
+        trial finished)."""
+        return {m: self.worst.get(m, -1e6 if mode == "max" else 1e6) for m, mode in self._objectives()}
 
     def _has_metrics(self, result: dict) -> bool:
-        metrics = self.metric if isinstance(self.metric, list) else [self.metric]
-        return all(m in result for m in metrics)
+        return all(m in result for m, _ in self._objectives())
 
     def save(self, checkpoint_path: str) -> None:
         with open(checkpoint_path, "wb") as f:
-            pickle.dump({"rng": self.rng.bit_generator.state, "inner_ids": self.inner_ids,
+            pickle.dump({"rng": self.rng.bit_generator.state, "inner_ids": self.inner_ids, "worst": self.worst,
                          "inner": self.inner.__dict__ if self.inner else None}, f)
 
     def restore(self, checkpoint_path: str) -> None:
@@ -228,6 +245,7 @@ class ConstrainedSearch(Searcher):
             state = pickle.load(f)
         self.rng.bit_generator.state = state["rng"]
         self.inner_ids = state["inner_ids"]
+        self.worst = state.get("worst", {})
         if self.inner and state["inner"] is not None:
             self.inner.__dict__.update(state["inner"])
 
