@@ -411,8 +411,9 @@ def run_sweep(cfg: Config, *, build_cache: bool = True, address: str = "",
 
     keys, built = prepare_cache(cfg, teachers, quantities, build_cache, config_path)
     check_same_sweep(cfg, dirs["experiment"], results_dir)
-    concurrency = trial_concurrency(cfg, ray.cluster_resources())
-    cfg = share_threads(cfg, concurrency, ray.cluster_resources())
+    resources = ray.cluster_resources()
+    concurrency = trial_concurrency(cfg, resources)
+    cfg = share_threads(cfg, concurrency, resources)
     setup = TrialSetup(to_dict(cfg), teacher_view(teachers, Path(dirs["teacher_view"])),
                        dirs["trials"], keys)
     searcher = make_searcher(cfg, space, constraints, str(results_dir / "rejected.jsonl"), goals)
@@ -468,6 +469,7 @@ def publish(results_dir: Path, dirs: dict) -> None:
         return
     import pyarrow.fs as pafs
 
-    fs, base = pafs.FileSystem.from_uri(dirs["experiment"])
-    pafs.copy_files(str(results_dir), base + "/results", destination_filesystem=fs)
-    print(f"[raykd sweep] results copied to {dirs['experiment']}/results", flush=True)
+    fs, base = store.filesystem(dirs["experiment"])
+    dest = store.join(base, "results")
+    pafs.copy_files(str(results_dir), dest, destination_filesystem=fs)
+    print(f"[raykd sweep] results copied to {fs.type_name}://{dest}", flush=True)

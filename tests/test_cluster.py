@@ -200,13 +200,18 @@ def shard_markers(root: Path) -> int:
     return len(list(root.glob("sst2-train-*/set-*/shard-?????.json")))
 
 
-def actor_nodes(cluster, submission_id: str, states=("ALIVE", "DEAD")) -> set[str]:
-    """Nodes the job's ShardWriter actors ran on (Ray's state API keeps dead actors too);
-    actors never placed (no node) are left out."""
+def job_actor_nodes(cluster, submission_id: str, class_part: str, states=("ALIVE", "DEAD")) -> list[str]:
+    """Node of each of the job's actors whose class name holds `class_part`, one entry per
+    actor (Ray's state API keeps dead actors too); actors never placed (no node) are left out."""
     job_ids = {j["job_id"] for j in local.api(cluster, "/api/jobs/") if j["submission_id"] == submission_id}
     actors = local.api(cluster, "/api/v0/actors?limit=10000")["data"]["result"]["result"]
-    return {a["node_id"] for a in actors if "ShardWriter" in a["class_name"] and a["job_id"] in job_ids
-            and a["node_id"] and a["state"] in states}
+    return sorted(a["node_id"] for a in actors if class_part in a["class_name"] and a["job_id"] in job_ids
+                  and a["node_id"] and a["state"] in states)
+
+
+def actor_nodes(cluster, submission_id: str, states=("ALIVE", "DEAD")) -> set[str]:
+    """Nodes the job's ShardWriter (teacher) actors ran on."""
+    return set(job_actor_nodes(cluster, submission_id, "ShardWriter", states))
 
 
 @pytest.fixture(scope="module")
@@ -333,14 +338,6 @@ def test_job_survives_its_client_and_a_lost_worker_node(cluster, s3_cache_job, t
           "written; the job finished on the remaining node with a cache identical to the clean run")
 
 
-def train_actor_nodes(cluster, submission_id: str) -> list[str]:
-    """Nodes of the job's live Ray Train workers (one entry per worker)."""
-    job_ids = {j["job_id"] for j in local.api(cluster, "/api/jobs/") if j["submission_id"] == submission_id}
-    actors = local.api(cluster, "/api/v0/actors?limit=10000")["data"]["result"]["result"]
-    return sorted(a["node_id"] for a in actors if a["class_name"] == "RayTrainWorker"
-                  and a["job_id"] in job_ids and a["state"] == "ALIVE")
-
-
 def test_distillation_resumes_after_losing_a_training_node(cluster, s3, s3_cache_job, tiny_teacher, glue_dir,
                                                            tmp_path):
     """Two DDP workers, one per worker node (SPREAD), read the S3 cache; in epoch 1 the node of
@@ -365,7 +362,7 @@ def test_distillation_resumes_after_losing_a_training_node(cluster, s3, s3_cache
         assert time.monotonic() < deadline, "no epoch-0 checkpoint within 480 s"
         time.sleep(0.5)
     t_checkpoint = time.monotonic()
-    spread = train_actor_nodes(cluster, sid)
+    spread = job_actor_nodes(cluster, sid, "RayTrainWorker", ("ALIVE",))  # one entry per worker
     workers = {n.node_id: n for n in cluster.nodes if n.name != "head"}
     assert len(spread) == 2 and set(spread) <= set(workers) and len(set(spread)) == 2, spread
     time.sleep(5)  # Ray Train's controller registers a reported checkpoint when it next polls
