@@ -55,6 +55,7 @@ class LocalCluster:
     gcs_port: int
     dashboard_port: int
     nodes: list[NodeProc] = field(default_factory=list)
+    workers_launched: int = 0  # worker names are never reused: a killed node's log stays its own
 
     @property
     def address(self) -> str:
@@ -217,8 +218,8 @@ def _join(cluster: LocalCluster, nodes: list[NodeProc], expected: int, cpus: flo
 
 
 def _launch_worker(cluster: LocalCluster, cpus: float, object_store_mb: int) -> NodeProc:
-    index = 1 + max([int(n.name[6:]) for n in cluster.nodes if n.name.startswith("worker")] or [0])
-    name = f"worker{index}"
+    cluster.workers_launched += 1
+    name = f"worker{cluster.workers_launched}"
     temp_dir = Path(cluster.state_dir) / name
     cmd = [sys.executable, str(Path(__file__).with_name("node.py")), f"--address={cluster.address}",
            f"--num-cpus={cpus:g}", f"--object-store-mb={object_store_mb}", f"--temp-dir={temp_dir}",
@@ -233,11 +234,11 @@ def _record_node_ids(cluster: LocalCluster) -> None:
             node.node_id = next(n["node_id"] for n in alive_nodes(cluster) if n["is_head_node"])
         else:
             deadline = time.monotonic() + 30  # the line follows the node's registration
-            while not (found := re.search(r"worker node (\w+) up", Path(node.log).read_text(errors="replace"))):
+            while not (found := re.findall(r"worker node (\w+) up", Path(node.log).read_text(errors="replace"))):
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"{node.name} joined but never logged its node id; see {node.log}")
                 time.sleep(0.2)
-            node.node_id = found.group(1)
+            node.node_id = found[-1]  # the log is appended to: the last launch is this one
     cluster.save()
 
 
