@@ -146,10 +146,14 @@ class TeacherConfig:
     mode: str = "single"  # single (one task) | multitask (shared encoder, a head per task)
     ensemble_size: int = 1  # members differing by seed/dropout (MT-DNN-KD)
     dropout: float = 0.1
+    # what the task heads read: cls (BERT's pooler on [CLS]) | mean (mean of the real tokens) |
+    # auto (mean for a sentence-transformers folder trained with mean pooling, else cls)
+    pooling: str = "cls"
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(epochs=2))
 
     def __post_init__(self) -> None:
         _one_of(self.mode, ("single", "multitask"), "mode")
+        _one_of(self.pooling, ("auto", "cls", "mean"), "pooling")
         _check(self.ensemble_size >= 1, "ensemble_size must be >= 1")
         _check(0 <= self.dropout < 1, "dropout must be in [0, 1)")
 

@@ -19,6 +19,10 @@ from transformers import AutoConfig, AutoModel, BertConfig, BertForSequenceClass
 
 HEADS_FILE = "heads.safetensors"
 META_FILE = "raykd.json"
+# What the task heads read: "cls" = BERT's pooler over [CLS] (what BertForSequenceClassification
+# does, so the export is exact); "mean" = the mean of the real tokens' last hidden states (how
+# sentence-transformers models such as all-MiniLM-L6-v2 were trained; their pooler never was).
+POOLINGS = ("cls", "mean")
 
 
 @dataclass(frozen=True)
@@ -52,11 +56,18 @@ class Features:
 
 
 class EncoderClassifier(nn.Module):
-    """HF BERT encoder + pooler, and a `Linear` head per task (num_outputs each)."""
+    """HF BERT encoder, its pooling (see POOLINGS) and a `Linear` head per task (num_outputs each)."""
 
-    def __init__(self, encoder: nn.Module, tasks: dict[str, int], dropout: float = 0.1):
+    def __init__(self, encoder: nn.Module, tasks: dict[str, int], dropout: float = 0.1,
+                 pooling: str = "cls"):
         super().__init__()
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+        if pooling == "mean" and getattr(encoder, "pooler", None) is not None:
+            raise ValueError("mean pooling leaves the encoder's pooler unused (DDP rejects unused "
+                             "parameters); build the encoder with add_pooling_layer=False")
         self.encoder = encoder
+        self.pooling = pooling
         self.tasks = dict(tasks)
         width = encoder.config.hidden_size
         self.dropout = nn.Dropout(dropout)
@@ -83,7 +94,11 @@ class EncoderClassifier(nn.Module):
                 h.remove()
         seq = out.last_hidden_state
         feats.cls = seq[:, 0]
-        pooled = out.pooler_output if out.pooler_output is not None else seq[:, 0]
+        if self.pooling == "mean":
+            real = attention_mask.unsqueeze(-1).to(seq.dtype)
+            pooled = (seq * real).sum(1) / real.sum(1).clamp_min(1)
+        else:
+            pooled = out.pooler_output if out.pooler_output is not None else seq[:, 0]
         task = task or next(iter(self.tasks))
         feats.logits = self.heads[task](self.dropout(pooled))
         if need_hidden:
@@ -99,8 +114,9 @@ class EncoderClassifier(nn.Module):
         self.encoder.save_pretrained(folder)
         save_file({k: v.detach().contiguous().cpu() for k, v in self.heads.state_dict().items()},
                   str(folder / HEADS_FILE))
-        meta = {"tasks": self.tasks, **(extra or {})}
-        meta["fingerprint"] = fingerprint(folder)
+        meta = {"tasks": self.tasks, "pooling": self.pooling, **(extra or {})}
+        (folder / META_FILE).write_text(json.dumps(meta, indent=2), encoding="utf-8")
+        meta["fingerprint"] = fingerprint(folder)  # reads the pooling back from META_FILE
         (folder / META_FILE).write_text(json.dumps(meta, indent=2), encoding="utf-8")
         return meta["fingerprint"]
 
@@ -108,8 +124,10 @@ class EncoderClassifier(nn.Module):
     def load(cls, folder: str | Path, dropout: float = 0.1) -> "EncoderClassifier":
         folder = Path(folder)
         meta = read_meta(folder)
-        encoder = AutoModel.from_pretrained(folder, attn_implementation="sdpa")
-        model = cls(encoder, {t: int(n) for t, n in meta["tasks"].items()}, dropout)
+        pooling = meta.get("pooling", "cls")
+        encoder = AutoModel.from_pretrained(folder, attn_implementation="sdpa",
+                                            add_pooling_layer=pooling == "cls")
+        model = cls(encoder, {t: int(n) for t, n in meta["tasks"].items()}, dropout, pooling)
         model.heads.load_state_dict(load_file(str(folder / HEADS_FILE)))
         return model
 
@@ -123,8 +141,13 @@ def read_meta(folder: str | Path) -> dict:
 
 
 def fingerprint(folder: str | Path) -> str:
-    """sha256 over the weights, config, heads and tokenizer files of a model folder."""
+    """sha256 over the weights, config, heads and tokenizer files of a model folder, and its
+    pooling when not the default [CLS] (read from META_FILE)."""
     h = hashlib.sha256()
+    meta_path = Path(folder) / META_FILE
+    pooling = json.loads(meta_path.read_text(encoding="utf-8")).get("pooling", "cls") if meta_path.is_file() else "cls"
+    if pooling != "cls":
+        h.update(f"pooling={pooling}".encode())
     names = ("config.json", "model.safetensors", HEADS_FILE, "tokenizer.json", "vocab.txt",
              "tokenizer_config.json", "special_tokens_map.json")
     for name in names:
@@ -137,11 +160,21 @@ def fingerprint(folder: str | Path) -> str:
     return h.hexdigest()[:32]
 
 
-def pretrained_encoder(name_or_path: str, dropout: float = 0.1) -> nn.Module:
-    """Load an HF encoder (local folder or hub id) with the pooler, sdpa attention."""
+def pretrained_encoder(name_or_path: str, dropout: float = 0.1, pooler: bool = True) -> nn.Module:
+    """Load an HF encoder (local folder or hub id), with or without its pooler, sdpa attention."""
     cfg = AutoConfig.from_pretrained(name_or_path, hidden_dropout_prob=dropout,
                                      attention_probs_dropout_prob=dropout)
-    return AutoModel.from_pretrained(name_or_path, config=cfg, attn_implementation="sdpa")
+    return AutoModel.from_pretrained(name_or_path, config=cfg, attn_implementation="sdpa",
+                                     add_pooling_layer=pooler)
+
+
+def sentence_pooling(name_or_path: str) -> str:
+    """"mean" when a local folder is a sentence-transformers model trained with mean pooling
+    (its 1_Pooling/config.json says so), else "cls" (hub ids included: nothing is fetched)."""
+    config = Path(name_or_path) / "1_Pooling" / "config.json"
+    if config.is_file() and json.loads(config.read_text(encoding="utf-8")).get("pooling_mode_mean_tokens"):
+        return "mean"
+    return "cls"
 
 
 def bert_layers(encoder: nn.Module) -> nn.ModuleList:
@@ -173,6 +206,9 @@ def _register_hooks(encoder: nn.Module, capture: Capture, feats: Features) -> li
 
 def to_hf_classifier(model: EncoderClassifier, task: str, labels: tuple[str, ...]) -> nn.Module:
     """A `BertForSequenceClassification` with this encoder and the head of `task`."""
+    if model.pooling != "cls":
+        raise ValueError(f"only [CLS]-pooled models export to BertForSequenceClassification; this one "
+                         f"uses {model.pooling!r} pooling (keep it as a raykd folder: EncoderClassifier.load)")
     n = model.tasks[task]
     cfg = BertConfig.from_dict({**model.config.to_dict(), "num_labels": n,
                                 "architectures": ["BertForSequenceClassification"]})

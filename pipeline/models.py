@@ -1,7 +1,7 @@
 """Building models from plain specs (what Ray workers receive), and saving/loading them.
 
 A spec is a small dict, so a worker rebuilds its model from data, never from pickled modules:
-  {"kind": "pretrained", "path": <HF folder or hub id>, "dropout": 0.1}   teacher to fine-tune
+  {"kind": "pretrained", "path": <HF folder or hub id>, "dropout": 0.1, "pooling": "cls"}   teacher to fine-tune
   {"kind": "folder", "path": <raykd model folder>}                         a trained model
   {"kind": "student", "student": <StudentConfig dict>, "source": <folder>, "pair_tasks": [...]}
 """
@@ -23,8 +23,9 @@ BILSTM_MARKER = "bilstm_config.json"
 def build(spec: dict, tasks: dict[str, int]) -> nn.Module:
     kind = spec["kind"]
     if kind == "pretrained":
-        return EncoderClassifier(pretrained_encoder(spec["path"], spec.get("dropout", 0.1)),
-                                 tasks, spec.get("dropout", 0.1))
+        pooling = spec.get("pooling", "cls")
+        return EncoderClassifier(pretrained_encoder(spec["path"], spec.get("dropout", 0.1), pooling == "cls"),
+                                 tasks, spec.get("dropout", 0.1), pooling)
     if kind == "folder":
         return load_model(spec["path"])
     if kind == "student":
@@ -90,7 +91,8 @@ def transformer_student(scfg: StudentConfig, source: str, tasks: dict[str, int])
     student = BertModel(cfg, add_pooling_layer=True)
     if scfg.hidden == t_cfg.hidden_size:
         student.embeddings.load_state_dict(src_enc.embeddings.state_dict())
-        student.pooler.load_state_dict(src_enc.pooler.state_dict())
+        if src_enc.pooler is not None:  # a mean-pooled teacher has none: the student's stays fresh
+            student.pooler.load_state_dict(src_enc.pooler.state_dict())
         if scfg.init != "random" and scfg.ffn == t_cfg.intermediate_size:
             for s_layer, t_index in zip(student.encoder.layer, init_layers(scfg, t_cfg.num_hidden_layers)):
                 s_layer.load_state_dict(src_enc.encoder.layer[t_index - 1].state_dict())

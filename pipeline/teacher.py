@@ -12,7 +12,7 @@ from transformers import AutoConfig, AutoTokenizer
 from pipeline import data
 from pipeline.config import Config, StageConfig
 from pipeline.distill import fit
-from pipeline.encoder import META_FILE, fingerprint, read_meta
+from pipeline.encoder import META_FILE, fingerprint, read_meta, sentence_pooling
 from pipeline.errors import ConfigError
 from pipeline.train_data import table_source
 
@@ -82,12 +82,16 @@ def train_teachers(cfg: Config) -> dict[str, list[Path]]:
                 continue
             print(f"[raykd] training teacher {group} member {member} on {list(tasks)}", flush=True)
             stage = StageConfig(name="teacher", losses={"hard": 1.0}, optim=cfg.teacher.optim)
-            spec = {"kind": "pretrained", "path": base,
+            spec = {"kind": "pretrained", "path": base, "pooling": teacher_pooling(cfg, base),
                     "dropout": cfg.teacher.dropout + 0.02 * member}  # members differ by seed+dropout
             fit(cfg, stage, spec, info, sources, folder, teacher_layers=base_cfg.num_hidden_layers,
                 teacher_width=base_cfg.hidden_size, seed=cfg.run.seed + 1000 * member)
             finish_teacher_folder(folder, tokenizer, base)
     return out
+
+
+def teacher_pooling(cfg: Config, base: str) -> str:
+    return sentence_pooling(base) if cfg.teacher.pooling == "auto" else cfg.teacher.pooling
 
 
 def finish_teacher_folder(folder: Path, tokenizer, base: str) -> None:

@@ -235,3 +235,56 @@ def test_export_bilstm_keeps_torch_folder(teacher4, tmp_path):
     with torch.no_grad():
         args = (enc["input_ids"], enc["attention_mask"], enc["token_type_ids"], "mrpc")
         torch.testing.assert_close(back(*args).logits, s(*args).logits)
+
+
+# ------------------------------------------------------------------- pooling
+
+
+def test_mean_pooled_teacher_from_a_sentence_transformers_folder(teacher4, tmp_path, tok):
+    """teacher.pooling=auto picks mean pooling for a sentence-transformers folder; the model
+    averages real tokens only (padding changes nothing), has no unused pooler, survives
+    save/load with a fingerprint of its own, refuses the [CLS] export, and still seeds a student."""
+    import json
+    import shutil
+
+    from pipeline.encoder import fingerprint, sentence_pooling
+    from pipeline.teacher import teacher_pooling
+
+    base = tmp_path / "st_base"
+    shutil.copytree(teacher4, base)
+    assert sentence_pooling(str(base)) == "cls"
+    (base / "1_Pooling").mkdir()
+    (base / "1_Pooling/config.json").write_text(json.dumps({"pooling_mode_mean_tokens": True}))
+    cfg = load(None, ["teacher.pooling=auto"])
+    assert teacher_pooling(cfg, str(base)) == "mean"
+    assert teacher_pooling(load(None, []), str(base)) == "cls"
+    with pytest.raises(ConfigError, match="pooling"):
+        load(None, ["teacher.pooling=max"])
+
+    torch.manual_seed(0)
+    m = models.build({"kind": "pretrained", "path": str(base), "dropout": 0.0, "pooling": "mean"}, TASKS).eval()
+    assert m.encoder.pooler is None
+    enc = tok(SENTS[:1], return_tensors="pt")
+    padded = tok(SENTS[:1], return_tensors="pt", padding="max_length", max_length=enc["input_ids"].shape[1] + 5)
+    with torch.no_grad():
+        a = m(enc["input_ids"], enc["attention_mask"], enc["token_type_ids"], "sst2").logits
+        b = m(padded["input_ids"], padded["attention_mask"], padded["token_type_ids"], "sst2").logits
+        seq = m.encoder(**enc).last_hidden_state
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(a, m.heads["sst2"](seq.mean(1)))
+
+    m.save(tmp_path / "mean")
+    back = EncoderClassifier.load(tmp_path / "mean").eval()
+    assert back.pooling == "mean" and back.encoder.pooler is None
+    with torch.no_grad():
+        torch.testing.assert_close(back(enc["input_ids"], enc["attention_mask"], enc["token_type_ids"], "sst2").logits, a)
+    meta = json.loads((tmp_path / "mean/raykd.json").read_text())
+    assert meta["pooling"] == "mean" and meta["fingerprint"] == fingerprint(tmp_path / "mean")
+    with pytest.raises(ValueError, match="only \\[CLS\\]-pooled"):
+        export_student(back, [get_task("sst2")], teacher4, tmp_path / "export")
+    s = student(tmp_path / "mean")  # the student keeps [CLS] pooling (exportable); its pooler stays fresh
+    assert s.pooling == "cls" and s.encoder.pooler is not None
+    assert layer_equal(s.encoder.embeddings, back.encoder.embeddings)
+    meta["pooling"] = "cls"  # the same files read as [CLS]-pooled are another teacher
+    (tmp_path / "mean/raykd.json").write_text(json.dumps(meta))
+    assert fingerprint(tmp_path / "mean") != meta["fingerprint"]
