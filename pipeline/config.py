@@ -237,12 +237,11 @@ class StageConfig:
 
 
 def _default_stages() -> tuple[StageConfig, ...]:
-    """MLKD-style default: features and relations first, then predictions."""
+    """Soft-target KD (T=2) + hard CE for 3 epochs: on full SST-2 it beat both the MLKD-style
+    two-stage recipe (jobs/configs/mlkd.yaml) and no distillation (README, measured results)."""
     return (
-        StageConfig(name="features", losses={"emb_relation": 1.0, "mha_relation": 1.0, "hidden_mse": 1.0},
-                    optim=OptimConfig(lr=1e-4, epochs=1)),
-        StageConfig(name="predictions", losses={"kd": 1.0, "hard": 1.0},
-                    optim=OptimConfig(lr=5e-5, epochs=2)),
+        StageConfig(name="predictions", losses={"kd": 1.0, "hard": 1.0}, temperature=2.0,
+                    optim=OptimConfig(lr=5e-5, epochs=3)),
     )
 
 

@@ -11,11 +11,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 def test_defaults_and_overrides():
     cfg = load(None, ["teacher.optim.lr=3e-5", "data.tasks=[sst2,mrpc]", "ray.use_gpu=true",
-                      "distill.stages.1.optim.epochs=5", "distill.stages.0.losses={hidden_mse: 2}"])
+                      "distill.stages.0.optim.epochs=5", "distill.stages.0.losses={hidden_mse: 2}"])
     assert cfg.teacher.optim.lr == 3e-5  # YAML reads 3e-5 as a string; the float field takes it
     assert cfg.data.tasks == ("sst2", "mrpc")
     assert cfg.ray.use_gpu is True
-    assert cfg.distill.stages[1].optim.epochs == 5
+    assert cfg.distill.stages[0].optim.epochs == 5 and cfg.distill.stages[0].temperature == 2.0
     assert cfg.distill.stages[0].losses == {"hidden_mse": 2.0}
     assert Config().data.max_len == 128
 
