@@ -42,6 +42,9 @@ class RunConfig:
     # where Ray Train keeps training checkpoints (teachers and students): "" = a .ray_train folder
     # beside the trained folders in the run dir; else a path every node shares or a URI (s3://...)
     storage_path: str = ""
+    # keep Ray Train's checkpoints once a model is trained and copied out (about 400 MB per
+    # 3-layer student stage with optimizer state); false deletes them, e.g. for many-run tables
+    keep_checkpoints: bool = True
 
     def __post_init__(self) -> None:
         _check(bool(self.name) and "/" not in self.name, "name must be non-empty, without '/'")

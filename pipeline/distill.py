@@ -338,6 +338,11 @@ def fit(cfg: Config, stage: StageConfig, model_spec: dict, tasks: dict[str, dict
     (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
     shutil.rmtree(out_dir, ignore_errors=True)
     os.replace(tmp, out_dir)
+    if not cfg.run.keep_checkpoints:  # the best model is in out_dir now
+        fs, base = store.filesystem(storage["path"])
+        experiment = store.join(base, storage["name"])
+        if store.exists(fs, experiment):
+            fs.delete_dir(experiment)
     return metrics
 
 

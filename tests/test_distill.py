@@ -301,11 +301,13 @@ def test_every_loss_over_two_chained_stages(tiny_teacher, shared_cache, tmp_path
     cache); stage 1 must start from stage 0's weights: with a near-zero lr it must end where
     stage 0 ended, which is far from a fresh student."""
     cfg = tiny_cfg(tmp_path, tiny_teacher, "student.init=random", stages_yaml(*CHAINED),
-                   cache_root=shared_cache)
+                   "run.keep_checkpoints=false", cache_root=shared_cache)
     final = distill_student(cfg, {"sst2": [tiny_teacher]}, build_cache=True)
     out = tmp_path / "sst2" / "student"
     folders = [out / "stage0-features", out / "stage1-predictions"]
     assert final == folders[1]
+    # keep_checkpoints=false: each stage's Ray Train folder is gone once its model is copied out
+    assert not any((out / ".ray_train" / f"{f.name}_train").exists() for f in folders)
     assert json.loads((out / "final.json").read_text()) == {
         "student": str(folders[1]), "by_task": {"sst2": str(folders[1])}}
     for folder, losses in zip(folders, (FEATURE_LOSSES, PREDICTION_LOSSES)):
