@@ -115,8 +115,7 @@ class EncoderClassifier(nn.Module):
         save_file({k: v.detach().contiguous().cpu() for k, v in self.heads.state_dict().items()},
                   str(folder / HEADS_FILE))
         meta = {"tasks": self.tasks, "pooling": self.pooling, **(extra or {})}
-        (folder / META_FILE).write_text(json.dumps(meta, indent=2), encoding="utf-8")
-        meta["fingerprint"] = fingerprint(folder)  # reads the pooling back from META_FILE
+        meta["fingerprint"] = fingerprint(folder, self.pooling)
         (folder / META_FILE).write_text(json.dumps(meta, indent=2), encoding="utf-8")
         return meta["fingerprint"]
 
@@ -140,12 +139,12 @@ def read_meta(folder: str | Path) -> dict:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
-def fingerprint(folder: str | Path) -> str:
+def fingerprint(folder: str | Path, pooling: str | None = None) -> str:
     """sha256 over the weights, config, heads and tokenizer files of a model folder, and its
-    pooling when not the default [CLS] (read from META_FILE)."""
+    pooling when not the default [CLS] (None = the pooling its META_FILE records)."""
     h = hashlib.sha256()
-    meta_path = Path(folder) / META_FILE
-    pooling = json.loads(meta_path.read_text(encoding="utf-8")).get("pooling", "cls") if meta_path.is_file() else "cls"
+    if pooling is None:
+        pooling = read_meta(folder).get("pooling", "cls") if (Path(folder) / META_FILE).is_file() else "cls"
     if pooling != "cls":
         h.update(f"pooling={pooling}".encode())
     names = ("config.json", "model.safetensors", HEADS_FILE, "tokenizer.json", "vocab.txt",
