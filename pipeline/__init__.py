@@ -8,3 +8,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 # Ray Train re-routes a worker's print() through its logger, and every progress line then
 # reaches the driver twice; our loop prints its own progress (local Ray workers inherit this).
 os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+# Ray Train's controller polls its workers every 2 s by default, and each `ray.train.report`
+# (queue of one) and each run's end waits for that poll: ~2-4 s per training stage, which
+# dominates short stages and tests. A poll is one small RPC per worker.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
