@@ -4,8 +4,6 @@
 Default: MiniLM-L6 teacher fine-tuned on SST-2, its outputs cached, a 3-layer student distilled.
 Every step reuses finished work, so rerunning after an interruption resumes.
 """
-import time
-
 from transformers import AutoConfig, AutoTokenizer
 
 from jobs.cli import main, save_resolved
@@ -13,15 +11,19 @@ from pipeline import data, models
 from pipeline.cache.build import ensure_cache
 from pipeline.export import export_student
 from pipeline.ray_runtime import init_ray
-from pipeline.report import build_report, write_report
+from pipeline.report import RunClock, build_report, write_report
 from pipeline.stages import build_caches, check_stages, distill_student, final_students
 from pipeline.teacher import base_model_path, run_dir, teachers_by_task, train_teachers
 
 
 def run(cfg, args) -> None:
-    t0 = time.perf_counter()
     out = run_dir(cfg)
     save_resolved(cfg, out)
+    with RunClock(out) as clock:  # a resumed run's time adds up over its invocations
+        _steps(cfg, args, out, clock)
+
+
+def _steps(cfg, args, out, clock: RunClock) -> None:
     check_stages(cfg, AutoConfig.from_pretrained(cfg.teacher.path or base_model_path(cfg)))
     init_ray(cfg.ray, args.address)
     print(f"[raykd] 1/4 teacher(s) for {list(cfg.data.tasks)}", flush=True)
@@ -41,10 +43,13 @@ def run(cfg, args) -> None:
     exported = [p for t in cfg.data.tasks for p in export_student(
         models.load_model(students[t] / "model"), [data.task_of(cfg.data, t)], first, out / "export")]
     report = build_report(cfg, students, {t: f[0] for t, f in teachers.items()}, dev_keys, tokenizer)
-    report["wall_time_s"] = round(time.perf_counter() - t0, 1)
+    report["wall_time_s"] = clock.lap()  # every invocation of this run, not just this one
+    report["invocations"] = clock.invocations
     report["export"] = [str(p) for p in exported]
     write_report(report, out)
-    print(f"[raykd] done in {report['wall_time_s']:.0f} s; report: {out / 'report.md'}", flush=True)
+    print(f"[raykd] done in {report['wall_time_s']:.0f} s"
+          + (f" over {clock.invocations} invocations" if clock.invocations > 1 else "")
+          + f"; report: {out / 'report.md'}", flush=True)
 
 
 if __name__ == "__main__":

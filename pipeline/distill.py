@@ -24,7 +24,7 @@ from pipeline.cache import store
 from pipeline.config import Config, StageConfig, from_dict
 from pipeline.ray_runtime import torch_config
 from pipeline.objective import build_projections, compute_loss, make_plan, teacher_batch
-from pipeline.train_data import eval_batches, num_batches, worker_batches
+from pipeline.train_data import eval_batches, num_batches, prefetched, worker_batches
 
 STATE_FILE = "train_state.pt"
 NONFINITE_FILE = "nonfinite-rank{rank}.txt"  # in the run's Ray Train folder; fit() raises it
@@ -104,10 +104,13 @@ def train_worker(ctx: dict[str, Any]) -> None:
     for epoch in range(start_epoch, stage.optim.epochs):
         trainee.train()
         log.begin_epoch()
-        for task, table in _train_batches(sources, counts, rank, world, per_worker,
-                                          cfg.data.sampling_alpha, ctx["seed"] + epoch):
-            columns = (ctx["cache_columns"] or {}).get(task)  # per task: heads differ in width
-            batch = {k: v.to(device) for k, v in _collate(table, columns).items()}
+        batches = prefetched(  # read + collate the next batches while this one trains
+            (task, _collate(table, (ctx["cache_columns"] or {}).get(task)))  # per task: widths differ
+            for task, table in _train_batches(sources, counts, rank, world, per_worker,
+                                              cfg.data.sampling_alpha, ctx["seed"] + epoch))
+        timed = log.timed_wait(batches)
+        for task, batch in timed:
+            batch = {k: v.to(device) for k, v in batch.items()}
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                 if teacher is not None:
                     with torch.no_grad():
@@ -125,15 +128,17 @@ def train_worker(ctx: dict[str, Any]) -> None:
             opt.step()
             sched.step()
             step += 1
-            log.step(step, epoch, len(table), terms)
+            log.step(step, epoch, len(batch["input_ids"]), terms)
             if rank == 0 and step == ctx.get("test_crash_at_step"):
                 _test_crash_once(ctx["storage"])
             if step >= total:
                 break
+        timed.close()
         log.end_epoch()
         losses = log.epoch_losses()
         metrics = _evaluate_rank0(net.model, ctx, cfg, rank, device, amp, losses)
         metrics |= {"epoch": epoch, "step": step, "train_examples_per_s": log.rate(),
+                    "data_wait_fraction": log.wait_fraction(),
                     "first_step_unix": log.first_step_unix, **losses,
                     "placement_group": _placement_group_id()}
         _report(metrics, net, opt, sched, epoch, step, start_epoch, rank)
@@ -251,6 +256,24 @@ class _Progress:
         self.first_step_unix = 0.0  # wall clock after the first step: sweeps measure start-up
         self.sums: dict[str, float] = {}
         self.steps = 0
+        self.wait_s = 0.0  # time the loop waited for its next batch (0 when reading keeps up)
+
+    def timed_wait(self, batches):
+        """`batches`, timing how long the loop waits on each."""
+        it = iter(batches)
+        try:
+            while True:
+                t0 = time.perf_counter()
+                try:
+                    item = next(it)
+                except StopIteration:
+                    return
+                finally:
+                    self.wait_s += time.perf_counter() - t0
+                yield item
+        finally:
+            if hasattr(it, "close"):
+                it.close()  # a loop that stops early stops the prefetch thread
 
     def step(self, step: int, epoch: int, n: int, terms: dict[str, float]) -> None:
         self.examples += n
@@ -263,7 +286,8 @@ class _Progress:
             self.last = now
             loss = " ".join(f"{k}={v:.4f}" for k, v in terms.items())
             print(f"[raykd] step {step}/{self.total} epoch {epoch} {loss} "
-                  f"{self.rate():.0f} ex/s/worker", flush=True)
+                  f"{self.rate():.0f} ex/s/worker, {100 * self.wait_fraction():.0f}% waiting for data",
+                  flush=True)
 
     def begin_epoch(self) -> None:
         self.t_begin = time.perf_counter()
@@ -276,6 +300,11 @@ class _Progress:
         """Training examples/s of this worker, evaluation and checkpointing excluded."""
         running = time.perf_counter() - self.t_begin if self.t_begin is not None else 0.0
         return self.examples / max(1e-9, self.train_s + running)
+
+    def wait_fraction(self) -> float:
+        """Share of training time spent waiting for batches (reading is the bottleneck if high)."""
+        running = time.perf_counter() - self.t_begin if self.t_begin is not None else 0.0
+        return self.wait_s / max(1e-9, self.train_s + running)
 
     def epoch_losses(self) -> dict[str, float]:
         """{"loss/<term>": mean over this epoch's steps (this rank)}; starts the next epoch."""

@@ -68,3 +68,51 @@ def write_report(report: dict, folder: Path) -> None:
 
 def fmt(metrics: dict) -> str:
     return " ".join(f"{k}={v:.2f}" for k, v in metrics.items())
+
+
+class RunClock:
+    """Wall time of a run folder summed over every invocation of the job that filled it: a run
+    resumed after a crash, or a rerun that only rebuilt the report, adds its own time to the
+    earlier ones' (`wall_time.json`: one entry per invocation). Used as a context manager, it
+    records this invocation's time every `every_s` and on exit, so a killed job loses at most
+    `every_s` of it."""
+
+    FILE = "wall_time.json"
+
+    def __init__(self, folder: Path, every_s: float = 30.0):
+        import threading
+        import time
+
+        self.path, self._now, self.every_s = Path(folder) / self.FILE, time.perf_counter, every_s
+        self.t0 = self._now()
+        self.earlier = json.loads(self.path.read_text())["invocations_s"] if self.path.is_file() else []
+        self._stop, self._lock = threading.Event(), threading.Lock()
+        self._thread = threading.Thread(target=self._tick, name="raykd-run-clock", daemon=True)
+
+    def __enter__(self) -> "RunClock":
+        self.lap()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.lap()
+
+    def _tick(self) -> None:
+        while not self._stop.wait(self.every_s):
+            self.lap()
+
+    def lap(self) -> float:
+        """Record this invocation's time so far; return the total over all invocations."""
+        with self._lock:
+            mine = round(self._now() - self.t0, 1)
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"invocations_s": self.earlier + [mine]}))
+            tmp.replace(self.path)
+            return round(sum(self.earlier) + mine, 1)
+
+    @property
+    def invocations(self) -> int:
+        return len(self.earlier) + 1

@@ -16,6 +16,8 @@ carry into the next, so a worker yields exactly ceil(rows / batch_size) batches.
 from __future__ import annotations
 
 import math
+import queue
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -161,3 +163,52 @@ def eval_batches(source: TableSource, batch_size: int = 128) -> Iterator[pa.Tabl
     table = ray.get(source.ref)
     for rows in length_sorted_batches(list_lengths(table.column("input_ids")), batch_size):
         yield table.take(rows)
+
+
+class _Raised:
+    def __init__(self, error: BaseException):
+        self.error = error
+
+
+_END = object()
+
+
+def prefetched(items: Iterator, depth: int = 2) -> Iterator:
+    """`items`, produced up to `depth` ahead by a background thread, in the same order: the
+    next batches are read and collated (Arrow/numpy work that mostly releases the GIL) while
+    the current one trains. An error in the producer is raised here; stopping early (a
+    `break`, or closing this generator) stops the thread."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if stop.is_set():
+                    break
+                q.put(item)
+            else:
+                q.put(_END)
+        except BaseException as e:  # noqa: BLE001 - re-raised in the consumer
+            q.put(_Raised(e))
+        finally:
+            if hasattr(items, "close"):
+                items.close()
+
+    thread = threading.Thread(target=produce, name="raykd-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = q.get()
+            if item is _END:
+                return
+            if isinstance(item, _Raised):
+                raise item.error
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():  # unblock a producer waiting on a full queue
+            try:
+                q.get(timeout=0.05)
+            except queue.Empty:
+                pass

@@ -77,3 +77,38 @@ def test_table_batches_split_equal_shares_by_length():
         assert len(set(ids)) == len(ids) == 999
         epochs.append(ids)
     assert epochs[0] != epochs[1]
+
+
+def test_prefetched_keeps_order_raises_producer_errors_and_stops_early():
+    import threading
+
+    import pytest
+
+    from pipeline.train_data import prefetched
+
+    assert list(prefetched(iter(range(50)), depth=2)) == list(range(50))
+
+    def failing():
+        yield 1
+        raise ValueError("bad shard 7")
+
+    it = prefetched(failing())
+    assert next(it) == 1
+    with pytest.raises(ValueError, match="bad shard 7"):
+        next(it)
+
+    produced = []
+
+    def endless():
+        i = 0
+        while True:
+            produced.append(i)
+            yield i
+            i += 1
+
+    before = threading.active_count()
+    it = prefetched(endless(), depth=2)
+    assert [next(it) for _ in range(3)] == [0, 1, 2]
+    it.close()  # a loop that breaks early: the producer thread must end, not block forever
+    assert threading.active_count() == before
+    assert len(produced) <= 3 + 2 + 2  # consumed + queue depth + the one in hand

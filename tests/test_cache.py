@@ -343,6 +343,15 @@ def test_corrupt_or_missing_shard_is_named(built, tmp_path, monkeypatch, capsys)
     assert code == 1 and out.splitlines() == [f"BAD {shards[2]}: missing shard"], out
 
 
+def test_shard_checksums_xxh3_and_older_sha256_entries():
+    data = b"parquet bytes" * 1000
+    entry = {"checksum": store.checksum(data)}
+    assert entry["checksum"].startswith("xxh3_128:") and len(entry["checksum"]) == 9 + 32
+    assert store.checksum_matches(data, entry) and not store.checksum_matches(data[:-1], entry)
+    old = {"sha256": hashlib.sha256(data).hexdigest()}  # manifests written before xxh3
+    assert store.checksum_matches(data, old) and not store.checksum_matches(data + b"x", old)
+
+
 def test_list_shows_key_rows_and_quantities(built, monkeypatch, capsys):
     cfg, key = built
     code, out = run_cache_main(monkeypatch, capsys, f"cache.root={cfg.cache.root}", "--list")

@@ -332,7 +332,7 @@ def test_job_survives_its_client_and_a_lost_worker_node(cluster, s3_cache_job, t
         assert [s.set_id for s in ours] == [s.set_id for s in ref]
         for a, b in zip(ours, ref):  # same rows, same bytes: shard by shard, checksums equal
             assert a.manifest["rows"] == b.manifest["rows"]
-            assert [s["sha256"] for s in a.manifest["shards"]] == [s["sha256"] for s in b.manifest["shards"]]
+            assert [s["checksum"] for s in a.manifest["shards"]] == [s["checksum"] for s in b.manifest["shards"]]
         assert store.verify(str(root), key) == []
     print(f"\n[cluster] killed {victim.name} ({killed} processes) with {at_kill}/{n_shards} train shards "
           "written; the job finished on the remaining node with a cache identical to the clean run")

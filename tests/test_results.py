@@ -87,3 +87,23 @@ def test_results_table_end_to_end_and_resume(tmp_path, glue_dir):
     assert "4 runs, 4 finished earlier, 0 to run" in r2.stdout
     assert "training teacher" not in r2.stdout
     assert (tmp_path / "RESULTS.md").read_text() == table
+
+
+def test_run_clock_sums_a_resumed_runs_invocations(tmp_path):
+    import json
+    import time
+
+    from pipeline.report import RunClock
+
+    with RunClock(tmp_path, every_s=0.05) as first:
+        time.sleep(0.3)
+        written = json.loads((tmp_path / RunClock.FILE).read_text())["invocations_s"]
+        assert len(written) == 1 and written[0] >= 0.1  # recorded while running: a kill loses little
+    assert first.invocations == 1
+    one = json.loads((tmp_path / RunClock.FILE).read_text())["invocations_s"]
+    with RunClock(tmp_path) as second:  # the rerun after a crash, or a report-only rebuild
+        time.sleep(0.2)
+        total = second.lap()
+    assert second.invocations == 2 and total >= one[0] + 0.2
+    both = json.loads((tmp_path / RunClock.FILE).read_text())["invocations_s"]
+    assert both[0] == one[0] and len(both) == 2 and both[1] >= 0.2

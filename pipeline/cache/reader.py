@@ -77,7 +77,7 @@ def read_shard(root: str, key: str, st: ShardSet, index: int, columns: list[str]
     if not store.exists(fs, path):
         raise CacheError(f"{path}: shard missing; {fix}")
     data = store.read_bytes(fs, path)
-    if store.sha256(data) != info["sha256"]:
+    if not store.checksum_matches(data, info):
         raise CacheError(f"{path}: checksum mismatch (corrupt shard); {fix}")
     return pq.read_table(io.BytesIO(data), columns=columns)
 

@@ -3,7 +3,7 @@
 Layout under a root (local path or URI):
     <root>/<key>/key.json                 key fields in readable form (written once)
     <root>/<key>/<set_id>/shard-00000-<sha8>.parquet
-    <root>/<key>/<set_id>/shard-00000.json  per-shard marker (file, rows, bytes, sha256, rows_per_shard)
+    <root>/<key>/<set_id>/shard-00000.json  per-shard marker (file, rows, bytes, checksum, rows_per_shard)
     <root>/<key>/<set_id>/manifest.json     written LAST: the commit point of the shard set
 
 `key` hashes what decides the teacher's outputs: schema version, teacher fingerprint(s),

@@ -11,7 +11,6 @@ the other already computes shard i+1, so the teacher (GPU or CPU) never waits fo
 """
 from __future__ import annotations
 
-import io
 import os
 import socket
 import threading
@@ -33,7 +32,12 @@ def parquet_options(table: pa.Table) -> dict:
         f.name: "none" if pa.types.is_large_binary(f.type) else "zstd" for f in table.schema}}
 
 
-SHARD_FIELDS = ("index", "file", "rows", "bytes", "sha256")  # a shard's entry in the manifest
+SHARD_FIELDS = ("index", "file", "rows", "bytes", "checksum")  # a shard's entry in the manifest
+
+
+def shard_entry(marker: dict) -> dict:
+    """A shard's manifest entry from its marker (markers of older runs carry `sha256`)."""
+    return {k: _plain(marker[k]) for k in (*SHARD_FIELDS, "sha256") if k in marker}
 
 
 class ShardWriter:
@@ -72,20 +76,20 @@ class ShardWriter:
             t0 = time.perf_counter()
             result = teacher_columns(self.members, rows, self.task, self.columns, self.batch_size,
                                      self.device, self.amp)
-        buf = io.BytesIO()
-        pq.write_table(result, buf, **parquet_options(result))
-        data = buf.getvalue()
-        digest = store.sha256(data)
+        sink = pa.BufferOutputStream()  # its buffer is handed on without a copy (BytesIO copied)
+        pq.write_table(result, sink, **parquet_options(result))
+        data = sink.getvalue()
+        digest = store.checksum(data)
         fs, base = store.filesystem(self.root)
         folder = store.join(base, self.key, self.set_id)
-        name = f"shard-{index:05d}-{digest[:8]}.parquet"
+        name = f"shard-{index:05d}-{digest.partition(':')[2][:8]}.parquet"
         store.write_atomic(fs, store.join(folder, name), data)
-        marker = {"index": index, "file": name, "rows": len(rows), "bytes": len(data), "sha256": digest,
+        marker = {"index": index, "file": name, "rows": len(rows), "bytes": data.size, "checksum": digest,
                   "rows_per_shard": self.rows}
         store.write_json(fs, store.join(folder, f"shard-{index:05d}.json"), marker)
         secs = time.perf_counter() - t0  # from the teacher's start on this shard to its marker
         print(f"[raykd cache] {self.key} shard {index + 1}/{self.n_shards}: {len(rows)} rows, "
-              f"{len(data) / 2**20:.1f} MiB in {secs:.1f} s ({len(rows) / secs:.0f} ex/s)", flush=True)
+              f"{data.size / 2**20:.1f} MiB in {secs:.1f} s ({len(rows) / secs:.0f} ex/s)", flush=True)
         return {**marker, "seconds": secs}
 
 
@@ -154,13 +158,13 @@ def run_cache_job(table: pa.Table, fields: dict, quantities: list[str], teacher_
                 num_threads=0 if gpus else cpus, bf16=bf16, use_gpu=use_gpu),
         ).take_all()
         for r in results:
-            done[int(r["index"])] = {k: _plain(r[k]) for k in SHARD_FIELDS}
+            done[int(r["index"])] = shard_entry(r)
     secs = time.perf_counter() - t0
     manifest = {
         "schema_version": SCHEMA_VERSION, "key": key, "set_id": sid, "quantities": quantities,
         "dtype": cache_cfg.dtype, "rows": len(table), "rows_per_shard": rows_per_shard,
         "columns": {c.name: c.__dict__ for c in columns},
-        "shards": [{k: done[i][k] for k in SHARD_FIELDS} for i in range(n_shards)],
+        "shards": [shard_entry(done[i]) for i in range(n_shards)],
         "created": {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "host": socket.gethostname(),
                     "seconds": round(secs, 2), "shards_computed": len(todo),
                     "ray": ray.__version__, "pid": os.getpid()},
