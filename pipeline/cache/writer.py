@@ -77,7 +77,7 @@ class ShardWriter:
 
         rows = self.table.slice(index * self.rows, self.rows)
         with self.teacher_lock:
-            t0 = time.perf_counter()
+            t0, started = time.perf_counter(), time.time()
             result = teacher_columns(self.members, rows, self.task, self.columns, self.batch_size,
                                      self.device, self.amp)
         sink = pa.BufferOutputStream()  # its buffer is handed on without a copy (BytesIO copied)
@@ -89,7 +89,7 @@ class ShardWriter:
         name = f"shard-{index:05d}-{digest.partition(':')[2][:8]}.parquet"
         store.write_atomic(fs, store.join(folder, name), data)
         marker = {"index": index, "file": name, "rows": len(rows), "bytes": data.size, "checksum": digest,
-                  "rows_per_shard": self.rows}
+                  "rows_per_shard": self.rows, "started": started, "finished": time.time()}
         store.write_json(fs, store.join(folder, f"shard-{index:05d}.json"), marker)
         secs = time.perf_counter() - t0  # from the teacher's start on this shard to its marker
         print(f"[raykd cache] {self.key} shard {index + 1}/{self.n_shards}: {len(rows)} rows, "
