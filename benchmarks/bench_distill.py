@@ -34,8 +34,10 @@ STUDENTS = {"3x384": ["student.layers=3", "student.hidden=384", "student.heads=1
             "2x192": ["student.layers=2", "student.hidden=192", "student.heads=4", "student.ffn=768"]}
 
 
-def rate(folder: Path) -> float:
-    return json.loads((folder / "metrics.json").read_text())["train_examples_per_s"]
+def rate(folder: Path) -> tuple[float, float]:
+    """(training examples/s, share of that time the loop waited for its next batch)."""
+    m = json.loads((folder / "metrics.json").read_text())
+    return m["train_examples_per_s"], m.get("data_wait_fraction", float("nan"))
 
 
 def teacher_forward_rate(teacher: Path, cfg, student_layers: int, rows: int) -> float:
@@ -71,7 +73,7 @@ def main() -> None:
                             ("online", [stage(LOSSES), "distill.online=true"])):
             cfg = load(None, common + student + extra + [f"run.name={name}-{mode}"])
             folder = distill_student(cfg, {"sst2": [teacher]}, build_cache=True)
-            r[mode] = rate(folder)
+            r[mode], r[f"{mode}_wait"] = rate(folder)
         cfg = load(None, common + student + [stage(LOSSES)])
         t_teacher = 1 / teacher_forward_rate(teacher, cfg, cfg.student.layers, args.rows)
         t_student = 1 / r["none"]
@@ -79,7 +81,8 @@ def main() -> None:
         r["speedup"] = r["cached"] / r["online"]
         results[name] = r
         print(f"\n== student {name}, {args.rows} SST-2 rows, batch 32, bf16 ==")
-        print(f"cached distillation : {r['cached']:8.1f} ex/s")
+        waits = ", ".join(f"{m} {r[f'{m}_wait'] * 100:.1f}%" for m in ("cached", "none", "online"))
+        print(f"cached distillation : {r['cached']:8.1f} ex/s   (loop waiting for data: {waits})")
         print(f"no teacher signal   : {r['none']:8.1f} ex/s   cached/none = {r['cached'] / r['none']:.3f}x (target >= 0.9)")
         print(f"online distillation : {r['online']:8.1f} ex/s   speed-up of cache = {r['speedup']:.2f}x")
         print(f"bound (T fwd + S step)/S step = {r['bound']:.2f}x; reached {r['speedup'] / r['bound'] * 100:.0f}% (target >= 90%)")

@@ -42,7 +42,8 @@ def _steps(cfg, args, out, clock: RunClock) -> None:
     tokenizer = AutoTokenizer.from_pretrained(str(first))
     exported = [p for t in cfg.data.tasks for p in export_student(
         models.load_model(students[t] / "model"), [data.task_of(cfg.data, t)], first, out / "export")]
-    report = build_report(cfg, students, {t: f[0] for t, f in teachers.items()}, dev_keys, tokenizer)
+    report = build_report(cfg, students, {t: f[0] for t, f in teachers.items()}, dev_keys, tokenizer,
+                          min_time_s=cfg.run.latency_min_s)
     report["wall_time_s"] = clock.lap()  # every invocation of this run, not just this one
     report["invocations"] = clock.invocations
     report["export"] = [str(p) for p in exported]

@@ -45,9 +45,13 @@ class RunConfig:
     # keep Ray Train's checkpoints once a model is trained and copied out (about 400 MB per
     # 3-layer student stage with optimizer state); false deletes them, e.g. for many-run tables
     keep_checkpoints: bool = True
+    # the report times student and teacher at batch 1 and 64, bf16 and fp32: each for at least
+    # this many seconds (shorter is noisier; smoke runs and tests use less)
+    latency_min_s: float = 1.0
 
     def __post_init__(self) -> None:
         _check(bool(self.name) and "/" not in self.name, "name must be non-empty, without '/'")
+        _check(self.latency_min_s > 0, f"latency_min_s must be > 0, got {self.latency_min_s}")
         _check(self.storage_path == self.storage_path.strip(),
                f"storage_path={self.storage_path!r} has surrounding whitespace; pass \"\" (beside the "
                "run's outputs), a shared path or a URI such as s3://bucket/train")

@@ -16,7 +16,7 @@ from pipeline.config import load, read_yaml
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["data.train_limit=48", "data.dev_limit=24", "data.max_len=32", "teacher.optim.epochs=1",
         "teacher.optim.batch_size=16", "student.layers=2", "student.hidden=32", "student.heads=4",
-        "student.ffn=64"]
+        "student.ffn=64", "run.latency_min_s=0.2"]
 
 
 def run_recipe(recipe: str, tmp_path: Path, glue_dir: Path, *extra: str) -> dict:
