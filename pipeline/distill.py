@@ -296,15 +296,18 @@ class _Progress:
         self.train_s += time.perf_counter() - self.t_begin
         self.t_begin = None
 
+    def _training_s(self) -> float:
+        """Time inside training epochs so far, the running one included."""
+        running = time.perf_counter() - self.t_begin if self.t_begin is not None else 0.0
+        return max(1e-9, self.train_s + running)
+
     def rate(self) -> float:
         """Training examples/s of this worker, evaluation and checkpointing excluded."""
-        running = time.perf_counter() - self.t_begin if self.t_begin is not None else 0.0
-        return self.examples / max(1e-9, self.train_s + running)
+        return self.examples / self._training_s()
 
     def wait_fraction(self) -> float:
         """Share of training time spent waiting for batches (reading is the bottleneck if high)."""
-        running = time.perf_counter() - self.t_begin if self.t_begin is not None else 0.0
-        return self.wait_s / max(1e-9, self.train_s + running)
+        return self.wait_s / self._training_s()
 
     def epoch_losses(self) -> dict[str, float]:
         """{"loss/<term>": mean over this epoch's steps (this rank)}; starts the next epoch."""
