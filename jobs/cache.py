@@ -7,7 +7,7 @@ import json
 
 from jobs.cli import main, save_resolved
 from pipeline.cache import store
-from pipeline.cache.build import ensure_cache
+from pipeline.cache.build import ensure_caches, request
 from pipeline.cache.schema import quantities_of
 from pipeline.errors import ConfigError
 from pipeline.ray_runtime import init_ray
@@ -54,11 +54,12 @@ def run(cfg, args) -> None:
         raise ConfigError("cache.*: nothing to cache; set cache.logits=true or hidden_layers etc.")
     save_resolved(cfg, run_dir(cfg))
     init_ray(cfg.ray, args.address)
-    for group, folders in train_teachers(cfg).items():
-        for task in (cfg.data.tasks if group in ("multitask", "given") else [group]):
-            for split in ("train", "dev"):
-                key = ensure_cache(cfg, folders, task, split, quantities if split == "train" else ["logits"])
-                print(f"[raykd cache] {task}/{split}: {key}", flush=True)
+    requests = [request(folders, task, split, quantities if split == "train" else ["logits"])
+                for group, folders in train_teachers(cfg).items()
+                for task in (cfg.data.tasks if group in ("multitask", "given") else [group])
+                for split in ("train", "dev")]
+    for r, key in zip(requests, ensure_caches(cfg, requests)):  # one cache job per teacher
+        print(f"[raykd cache] {r.task}/{r.split}: {key}", flush=True)
 
 
 if __name__ == "__main__":

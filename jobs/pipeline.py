@@ -8,11 +8,11 @@ from transformers import AutoConfig, AutoTokenizer
 
 from jobs.cli import main, save_resolved
 from pipeline import data, models
-from pipeline.cache.build import ensure_cache
+from pipeline.cache.build import ensure_caches, request
 from pipeline.export import export_student
 from pipeline.ray_runtime import init_ray
 from pipeline.report import RunClock, build_report, write_report
-from pipeline.stages import build_caches, check_stages, distill_student, final_students
+from pipeline.stages import cache_requests, check_stages, distill_student, final_students
 from pipeline.teacher import base_model_path, run_dir, teachers_by_task, train_teachers
 
 
@@ -33,8 +33,11 @@ def _steps(cfg, args, out, clock: RunClock) -> None:
     teachers = teachers_by_task(cfg, train_teachers(cfg))
     first = teachers[cfg.data.tasks[0]][0]
     print("[raykd] 2/4 cache: what the recipe's stages read, plus dev logits for the report", flush=True)
-    build_caches(cfg, teachers)
-    dev_keys = {task: ensure_cache(cfg, folders, task, "dev", ["logits"]) for task, folders in teachers.items()}
+    dev = [request(folders, task, "dev", ["logits"]) for task, folders in teachers.items()]
+    train = cache_requests(cfg, teachers)
+    for r in train:
+        print(f"[raykd] cache for {r.task}: {list(r.quantities)}", flush=True)
+    dev_keys = dict(zip(teachers, ensure_caches(cfg, dev + train)))  # one cache job for all of them
     print("[raykd] 3/4 student", flush=True)
     distill_student(cfg, teachers)
     students = final_students(cfg)

@@ -12,7 +12,7 @@ from pathlib import Path
 from transformers import AutoConfig, AutoTokenizer
 
 from pipeline import data
-from pipeline.cache.build import ensure_cache, run_fields
+from pipeline.cache.build import CacheRequest, ensure_cache, request, run_fields
 from pipeline.cache.key import cache_key, check_fields
 from pipeline.cache.reader import columns_of
 from pipeline.train_data import cache_source, table_source
@@ -60,15 +60,12 @@ def required_quantities(cfg: Config, teacher: Path) -> list[str]:
     return out
 
 
-def build_caches(cfg: Config, teachers_by_task: dict[str, list[Path]]) -> dict[str, str]:
-    """Cache exactly what the recipe's stages need (one cache job per task, only missing
-    quantities); returns task -> train cache key."""
+def cache_requests(cfg: Config, teachers_by_task: dict[str, list[Path]]) -> list[CacheRequest]:
+    """Exactly what the recipe's stages read from the train caches, per task (for
+    `ensure_caches`, which computes only the missing quantities)."""
     first = teachers_by_task[cfg.data.tasks[0]]
-    keys = {}
-    for task, quantities in cache_needs(cfg, first[0]).items():
-        print(f"[raykd] cache for {task}: {quantities}", flush=True)
-        keys[task] = ensure_cache(cfg, teachers_by_task.get(task, first), task, "train", quantities)
-    return keys
+    return [request(teachers_by_task.get(task, first), task, "train", quantities)
+            for task, quantities in cache_needs(cfg, first[0]).items()]
 
 
 def check_stages(cfg: Config, teacher_config) -> None:

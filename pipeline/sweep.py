@@ -34,7 +34,7 @@ from transformers import AutoConfig  # noqa: E402
 
 from pipeline import data, evaluate, models, sweep_results  # noqa: E402
 from pipeline.cache import store
-from pipeline.cache.build import ensure_cache, run_fields
+from pipeline.cache.build import ensure_caches, request, run_fields
 from pipeline.cache.key import cache_key, check_fields
 from pipeline.cache.reader import _override_hint, plan_sets
 from pipeline.cache.store import CacheError
@@ -112,18 +112,15 @@ def prepare_cache(cfg: Config, teachers: dict[str, list[Path]], quantities: list
     """(train cache keys, shard sets written now): the cache is built here once, never in a trial."""
     if not quantities:
         return (), 0
-    keys, written = [], 0
-    for task in cfg.data.tasks:
-        fields, _ = run_fields(cfg, teachers[task], task, "train")
-        key = cache_key(fields)
-        keys.append(key)
-        before = count_sets(cfg.cache.root, [key])
-        if build:
-            ensure_cache(cfg, teachers[task], task, "train", quantities)
-            written += count_sets(cfg.cache.root, [key]) - before
-            continue
+    fields = {t: run_fields(cfg, teachers[t], t, "train")[0] for t in cfg.data.tasks}
+    keys = tuple(cache_key(f) for f in fields.values())
+    if build:  # one cache job for every task's missing quantities
+        before = count_sets(cfg.cache.root, keys)
+        ensure_caches(cfg, [request(teachers[t], t, "train", quantities) for t in cfg.data.tasks])
+        return keys, count_sets(cfg.cache.root, keys) - before
+    for (task, f), key in zip(fields.items(), keys):
         try:
-            check_fields(cfg.cache.root, key, fields)
+            check_fields(cfg.cache.root, key, f)
             plan_sets(cfg.cache.root, key, quantities)
         except CacheError as e:
             raise CacheError(
@@ -131,7 +128,7 @@ def prepare_cache(cfg: Config, teachers: dict[str, list[Path]], quantities: list
                 f"{quantities} and was told not to build it. {e}. Build it with `python -m jobs.cache "
                 f"--config {config_path} {_override_hint(quantities)}`, or drop --no-build-cache"
             ) from None
-    return tuple(keys), written
+    return keys, 0
 
 
 def teacher_view(teachers: dict[str, list[Path]], dest: Path) -> dict[str, list[str]]:

@@ -220,6 +220,37 @@ def test_collate_teacher_pads_with_zeros(built):
             assert (x[r, n:] == 0).all()
 
 
+def test_one_cache_job_serves_every_split_and_task_like_separate_jobs(built, tiny_teacher, glue_dir,
+                                                                      tmp_path, capsys):
+    """ensure_caches computes what several (task, split) requests miss in one Ray Data job (the
+    teacher loaded once per actor); each cache equals the one its own job writes, and the same
+    cache asked for twice gets one shard set with both requests' quantities."""
+    from pipeline.cache.build import ensure_caches, request
+
+    cfg16, key16 = built
+    cfg = make_cfg(tmp_path / "cache", tiny_teacher, glue_dir)
+    reqs = [request([tiny_teacher], "sst2", "train", ["logits", "hidden_2"]),
+            request([tiny_teacher], "sst2", "dev", ["logits"]),
+            request([tiny_teacher], "mrpc", "train", ["logits", "cls"]),
+            request([tiny_teacher], "sst2", "train", ["cls"])]
+    keys = ensure_caches(cfg, reqs)
+    out = capsys.readouterr().out
+    assert out.count("one cache job for") == 1 and "of 3 caches" in out, out
+    assert keys[0] == keys[3] == key16 and len(set(keys)) == 3
+    sets = store.committed_sets(cfg.cache.root, keys[0])
+    assert [s.quantities for s in sets] == [["logits", "hidden_2", "cls"]]
+    assert_same_cache(read_cache(cfg.cache.root, keys[0], ["logits", "hidden_2", "cls"]),
+                      read_cache(cfg16.cache.root, key16, ["logits", "hidden_2", "cls"]),
+                      ["logits", "hidden_2", "cls"])
+    fields = {r.split + r.task: run_fields(cfg, [tiny_teacher], r.task, r.split)[0] for r in reqs}
+    assert store.committed_sets(cfg.cache.root, keys[1])[0].manifest["rows"] == fields["devsst2"]["rows"] == 50
+    mrpc = read_cache(cfg.cache.root, keys[2], ["logits", "cls"])
+    assert len(mrpc) == fields["trainmrpc"]["rows"] == 200
+    assert set(mrpc.column("example_id").to_pylist()) == set(range(200))
+    assert ensure_caches(cfg, reqs) == keys  # all cached now: no job at all
+    assert "one cache job" not in capsys.readouterr().out
+
+
 def test_int8_dequantizes_within_the_per_token_step(built, tiny_teacher, glue_dir, tmp_path):
     cfg16, key16 = built
     cfg = make_cfg(tmp_path / "cache", tiny_teacher, glue_dir, "cache.dtype=int8")

@@ -5,6 +5,7 @@ model is loaded by the cache job's actors, and only when something is missing.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from transformers import AutoConfig, AutoTokenizer
@@ -12,7 +13,7 @@ from transformers import AutoConfig, AutoTokenizer
 from pipeline import data
 from pipeline.cache import key as ckey
 from pipeline.cache import store
-from pipeline.cache.writer import run_cache_job
+from pipeline.cache.writer import plan_job, run_cache_jobs
 from pipeline.config import Config
 from pipeline.encoder import read_meta
 
@@ -30,27 +31,57 @@ def cached_quantities(root: str, key: str) -> set[str]:
     return {q for st in store.committed_sets(root, key) for q in st.quantities}
 
 
+@dataclass(frozen=True)
+class CacheRequest:
+    """What a run needs cached: the quantities of one (teacher(s), task, split)."""
+    teachers: tuple[Path, ...]
+    task: str
+    split: str
+    quantities: tuple[str, ...]
+
+
+def request(teachers, task: str, split: str, quantities) -> CacheRequest:
+    return CacheRequest(tuple(Path(t) for t in teachers), task, split, tuple(quantities))
+
+
 def ensure_cache(cfg: Config, teachers: list[Path], task: str, split: str,
                  quantities: list[str]) -> str:
     """The key of a cache holding `quantities`; writes a new shard set for what is missing."""
-    fields, frame = run_fields(cfg, teachers, task, split)
-    key = ckey.cache_key(fields)
-    have = cached_quantities(cfg.cache.root, key)
-    if have:
-        ckey.check_fields(cfg.cache.root, key, fields)
-    missing = [q for q in dict.fromkeys(quantities) if q not in have]
-    if not missing:
-        print(f"[raykd cache] {key}: reusing cached {sorted(have)} (teacher not loaded)", flush=True)
-        return key
-    if have:
-        print(f"[raykd cache] {key}: has {sorted(have)}; adding {missing}", flush=True)
-    tokenizer = AutoTokenizer.from_pretrained(str(teachers[0]))
-    table = data.tokenize_frame(frame, tokenizer, cfg.data.max_len)
-    tcfg = AutoConfig.from_pretrained(str(teachers[0]))
-    if task == data.UNLABELED:  # logits of unlabeled text come from the teacher's first head
-        num_outputs = next(iter(read_meta(teachers[0])["tasks"].values()))
-    else:
-        num_outputs = data.task_of(cfg.data, task).num_outputs
-    run_cache_job(table, fields, missing, [str(t) for t in teachers], task, tcfg.hidden_size,
-                  num_outputs, cfg.cache, use_gpu=cfg.ray.use_gpu)
-    return key
+    return ensure_caches(cfg, [request(teachers, task, split, quantities)])[0]
+
+
+def ensure_caches(cfg: Config, requests: list[CacheRequest]) -> list[str]:
+    """Each request's cache key, in order. Everything missing is computed by one cache job per
+    teacher (or ensemble): its actors load the teacher once for all the splits and tasks."""
+    keys, jobs, tokenizers = [], {}, {}
+    for r in requests:
+        fields, frame = run_fields(cfg, list(r.teachers), r.task, r.split)
+        key = ckey.cache_key(fields)
+        keys.append(key)
+        have = cached_quantities(cfg.cache.root, key)
+        if have:
+            ckey.check_fields(cfg.cache.root, key, fields)
+        planned = jobs.get(r.teachers, {}).get(key)
+        missing = [q for q in dict.fromkeys(r.quantities) if q not in have]
+        if planned:  # the same cache asked for twice: one shard set with both requests' quantities
+            missing = [q for q in dict.fromkeys([*planned[2], *missing])]
+        if not missing:
+            print(f"[raykd cache] {key}: reusing cached {sorted(have)} (teacher not loaded)", flush=True)
+            continue
+        if have and not planned:
+            print(f"[raykd cache] {key}: has {sorted(have)}; adding {missing}", flush=True)
+        jobs.setdefault(r.teachers, {})[key] = (fields, frame, missing, r.task)
+    for teachers, planned in jobs.items():
+        first = str(teachers[0])
+        tokenizer = tokenizers.setdefault(first, AutoTokenizer.from_pretrained(first))
+        width = AutoConfig.from_pretrained(first).hidden_size
+        shard_jobs = []
+        for fields, frame, missing, task in planned.values():
+            table = data.tokenize_frame(frame, tokenizer, cfg.data.max_len)
+            if task == data.UNLABELED:  # logits of unlabeled text come from the teacher's first head
+                num_outputs = next(iter(read_meta(teachers[0])["tasks"].values()))
+            else:
+                num_outputs = data.task_of(cfg.data, task).num_outputs
+            shard_jobs.append(plan_job(table, fields, missing, width, num_outputs, len(teachers), cfg.cache))
+        run_cache_jobs(shard_jobs, [str(t) for t in teachers], cfg.cache, use_gpu=cfg.ray.use_gpu)
+    return keys

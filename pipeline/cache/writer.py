@@ -5,6 +5,10 @@ one shard id, computes its columns, writes `shard-<i>-<sha8>.parquet` atomically
 marker. A rerun skips shards with markers (resume after a crash); `manifest.json` is written
 last by the driver, so a cache is never visible before it is complete.
 
+One Ray Data job serves every cache a run is missing (train and dev splits, every task) that
+share the same teacher(s): each item is a (cache, shard) pair, so the actors load the teacher
+once, not once per split.
+
 Each actor takes two shards at a time on two threads, and a lock lets only one of them run the
 teacher: while one thread serializes, hashes and writes shard i (all of which release the GIL),
 the other already computes shard i+1, so the teacher (GPU or CPU) never waits for storage.
@@ -15,6 +19,7 @@ import os
 import socket
 import threading
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -44,11 +49,32 @@ def shard_entry(marker: dict) -> dict:
     return {k: _plain(marker[k]) for k in (*SHARD_FIELDS, "sha256") if k in marker}
 
 
-class ShardWriter:
-    """Ray Data actor: loads the teacher(s) once, then writes whole shards."""
+@dataclass
+class ShardJob:
+    """One cache key's new shard set: its rows (length-sorted), columns and what is left to do."""
+    key: str
+    set_id: str
+    task: str
+    quantities: list[str]
+    table: pa.Table
+    columns: list[Column]
+    rows_per_shard: int
+    done: dict[int, dict]  # shard index -> marker of a shard already written (resume)
 
-    def __init__(self, table_ref: list, teacher_paths: list[str], task: str, columns: list[dict],
-                 root: str, key: str, set_id: str, rows_per_shard: int, batch_size: int,
+    @property
+    def n_shards(self) -> int:
+        return -(-len(self.table) // self.rows_per_shard)
+
+    @property
+    def todo(self) -> list[int]:
+        return [i for i in range(self.n_shards) if i not in self.done]
+
+
+class ShardWriter:
+    """Ray Data actor: loads the teacher(s) once, then writes whole shards of any of the jobs
+    (cache keys) it was given, so one actor pool serves every split and task of a run."""
+
+    def __init__(self, jobs: list[dict], teacher_paths: list[str], root: str, batch_size: int,
                  num_threads: int, bf16: bool, use_gpu: bool):
         import ray
         import torch
@@ -61,38 +87,39 @@ class ShardWriter:
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         self.members = [EncoderClassifier.load(p).to(self.device).eval() for p in teacher_paths]
         self.amp = bf16 and bf16_supported(self.device)
-        table = ray.get(table_ref[0])  # zero-copy from the object store
-        self.table, self.task, self.columns = table, task, [Column(**c) for c in columns]
-        self.root, self.key, self.set_id = root, key, set_id
-        self.rows, self.batch_size = rows_per_shard, batch_size
-        self.n_shards = -(-len(table) // rows_per_shard)
+        tables = ray.get([j["table_ref"][0] for j in jobs])  # zero-copy from the object store
+        self.jobs = [{**j, "table": t, "columns": [Column(**c) for c in j["columns"]]}
+                     for j, t in zip(jobs, tables)]
+        self.root, self.batch_size = root, batch_size
         self.teacher_lock = threading.Lock()  # one shard at a time on the teacher (see module doc)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        out = [self.write_shard(int(i)) for i in batch["shard"]]
+        out = [{**self.write_shard(self.jobs[int(j)], int(i)), "job": int(j)}
+               for j, i in zip(batch["job"], batch["shard"])]
         return {k: np.array([o[k] for o in out]) for k in out[0]}
 
-    def write_shard(self, index: int) -> dict:
+    def write_shard(self, job: dict, index: int) -> dict:
         from pipeline.cache.compute import teacher_columns
 
-        rows = self.table.slice(index * self.rows, self.rows)
+        table, per_shard = job["table"], job["rows_per_shard"]
+        rows = table.slice(index * per_shard, per_shard)
         with self.teacher_lock:
             t0, started = time.perf_counter(), time.time()
-            result = teacher_columns(self.members, rows, self.task, self.columns, self.batch_size,
+            result = teacher_columns(self.members, rows, job["task"], job["columns"], self.batch_size,
                                      self.device, self.amp)
         sink = pa.BufferOutputStream()  # its buffer is handed on without a copy (BytesIO copied)
         pq.write_table(result, sink, **parquet_options(result))
         data = sink.getvalue()
         digest = store.checksum(data)
         fs, base = store.filesystem(self.root)
-        folder = store.join(base, self.key, self.set_id)
+        folder = store.join(base, job["key"], job["set_id"])
         name = f"shard-{index:05d}-{digest.partition(':')[2][:8]}.parquet"
         store.write_atomic(fs, store.join(folder, name), data)
         marker = {"index": index, "file": name, "rows": len(rows), "bytes": data.size, "checksum": digest,
-                  "rows_per_shard": self.rows, "started": started, "finished": time.time()}
+                  "rows_per_shard": per_shard, "started": started, "finished": time.time()}
         store.write_json(fs, store.join(folder, f"shard-{index:05d}.json"), marker)
         secs = time.perf_counter() - t0  # from the teacher's start on this shard to its marker
-        print(f"[raykd cache] {self.key} shard {index + 1}/{self.n_shards}: {len(rows)} rows, "
+        print(f"[raykd cache] {job['key']} shard {index + 1}/{-(-len(table) // per_shard)}: {len(rows)} rows, "
               f"{data.size / 2**20:.1f} MiB in {secs:.1f} s ({len(rows) / secs:.0f} ex/s)", flush=True)
         return {**marker, "seconds": secs}
 
@@ -122,59 +149,77 @@ def shard_rows(root: str, key: str, wanted: int) -> int:
     return sets[0].manifest["rows_per_shard"] if sets else wanted
 
 
-def run_cache_job(table: pa.Table, fields: dict, quantities: list[str], teacher_paths: list[str],
-                  task: str, width: int, num_outputs: int, cache_cfg, *, bf16: bool = True,
-                  use_gpu: bool = False) -> tuple[str, str]:
-    """Write the shard set holding `quantities` for this key; returns (key, set_id)."""
-    import ray
-
+def plan_job(table: pa.Table, fields: dict, quantities: list[str], width: int, num_outputs: int,
+             n_members: int, cache_cfg) -> ShardJob:
+    """The shard set holding `quantities` for this key: rows sorted by length and cut into
+    shards; shards an earlier (killed) run finished are marked done."""
     key = ckey.cache_key(fields)
     sid = ckey.set_id(quantities, cache_cfg.dtype)
-    root = cache_cfg.root
-    fs, base = store.filesystem(root)
+    fs, base = store.filesystem(cache_cfg.root)
     if not store.exists(fs, store.join(base, key, store.KEY_FILE)):
         store.write_json(fs, store.join(base, key, store.KEY_FILE), fields)
-    columns = [c for q in quantities for c in columns_for(q, width, num_outputs, len(teacher_paths),
-                                                            cache_cfg.dtype)]
+    columns = [c for q in quantities for c in columns_for(q, width, num_outputs, n_members, cache_cfg.dtype)]
     order = np.argsort(_lengths(table), kind="stable")
     table = table.take(pa.array(order))
-    rows_per_shard = shard_rows(root, key, cache_cfg.rows_per_shard)
+    rows_per_shard = shard_rows(cache_cfg.root, key, cache_cfg.rows_per_shard)
     n_shards = -(-len(table) // rows_per_shard)
-    done = done_markers(root, key, sid, n_shards, rows_per_shard)
-    todo = [i for i in range(n_shards) if i not in done]
+    job = ShardJob(key, sid, fields["task"], list(quantities), table, columns, rows_per_shard,
+                   done_markers(cache_cfg.root, key, sid, n_shards, rows_per_shard))
     print(f"[raykd cache] {key}: {len(table)} rows, {n_shards} shards of {rows_per_shard} rows "
-          f"({len(done)} already done), quantities {quantities}", flush=True)
+          f"({len(job.done)} already done), quantities {quantities}", flush=True)
+    return job
+
+
+def run_cache_jobs(jobs: list[ShardJob], teacher_paths: list[str], cache_cfg, *, bf16: bool = True,
+                   use_gpu: bool = False) -> None:
+    """Compute every job's missing shards in ONE Ray Data job (one actor pool, the teacher loaded
+    once per actor, whatever the number of splits and tasks), then commit each job's manifest."""
+    import ray
+
+    todo = [{"job": j, "shard": i} for j, job in enumerate(jobs) for i in job.todo]
+    computed = [len(job.todo) for job in jobs]
     t0 = time.perf_counter()
     if todo:
         gpus = 1 if use_gpu else 0
         cpus = actor_cpus(cache_cfg.concurrency)
         cpus = min(cpus, int(ray.available_resources().get("CPU", cpus)) or 1)
-        ds = ray.data.from_items([{"shard": i} for i in todo], override_num_blocks=len(todo))
-        results = ds.map_batches(
+        specs = [{"table_ref": [ray.put(job.table)], "task": job.task, "key": job.key, "set_id": job.set_id,
+                  "columns": [c.__dict__ for c in job.columns], "rows_per_shard": job.rows_per_shard}
+                 for job in jobs]
+        if len(jobs) > 1:
+            print(f"[raykd cache] one cache job for {len(todo)} shards of {len(jobs)} caches", flush=True)
+        results = ray.data.from_items(todo, override_num_blocks=len(todo)).map_batches(
             ShardWriter, batch_size=1,
             compute=ray.data.ActorPoolStrategy(size=cache_cfg.concurrency, max_concurrent_calls_per_actor=2,
                                                enable_true_multi_threading=True),
             num_cpus=0 if gpus else cpus, num_gpus=gpus,
             fn_constructor_kwargs=dict(
-                table_ref=[ray.put(table)], teacher_paths=teacher_paths, task=task,
-                columns=[c.__dict__ for c in columns], root=root, key=key, set_id=sid,
-                rows_per_shard=rows_per_shard, batch_size=cache_cfg.batch_size,
-                num_threads=0 if gpus else cpus, bf16=bf16, use_gpu=use_gpu),
+                jobs=specs, teacher_paths=teacher_paths, root=cache_cfg.root,
+                batch_size=cache_cfg.batch_size, num_threads=0 if gpus else cpus, bf16=bf16,
+                use_gpu=use_gpu),
         ).take_all()
         for r in results:
-            done[int(r["index"])] = r  # the manifest takes its entry, as from a marker
+            jobs[int(r.pop("job"))].done[int(r["index"])] = r  # the manifest takes its entry, as from a marker
     secs = time.perf_counter() - t0
+    for job, n in zip(jobs, computed):
+        commit(job, cache_cfg, secs, n)
+
+
+def commit(job: ShardJob, cache_cfg, secs: float, computed: int) -> None:
+    """Write the job's manifest: the set becomes visible, complete, only now."""
+    import ray
+
     manifest = {
-        "schema_version": SCHEMA_VERSION, "key": key, "set_id": sid, "quantities": quantities,
-        "dtype": cache_cfg.dtype, "rows": len(table), "rows_per_shard": rows_per_shard,
-        "columns": {c.name: c.__dict__ for c in columns},
-        "shards": [shard_entry(done[i]) for i in range(n_shards)],
+        "schema_version": SCHEMA_VERSION, "key": job.key, "set_id": job.set_id,
+        "quantities": job.quantities, "dtype": cache_cfg.dtype, "rows": len(job.table),
+        "rows_per_shard": job.rows_per_shard, "columns": {c.name: c.__dict__ for c in job.columns},
+        "shards": [shard_entry(job.done[i]) for i in range(job.n_shards)],
         "created": {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "host": socket.gethostname(),
-                    "seconds": round(secs, 2), "shards_computed": len(todo),
+                    "seconds": round(secs, 2), "shards_computed": computed,
                     "ray": ray.__version__, "pid": os.getpid()},
     }
-    store.write_json(fs, store.join(base, key, sid, store.MANIFEST), manifest)
-    return key, sid
+    fs, base = store.filesystem(cache_cfg.root)
+    store.write_json(fs, store.join(base, job.key, job.set_id, store.MANIFEST), manifest)
 
 
 def actor_cpus(concurrency: int) -> int:
