@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -413,15 +414,23 @@ def _unknown_key(cls: type, name: str, prefix: str) -> ConfigError:
     return ConfigError(f"unknown config key {full}; {fix}")
 
 
+# Keys older versions had and saved into every run's config.yaml: a saved config still loads
+# (rerunning a run from its config.yaml is the documented way to reproduce it).
+RETIRED = {"results.latency_seq_len": "it was never read (the report times latency at 64 tokens)"}
+
+
 def from_dict(cls: type, data: Mapping[str, Any], prefix: str = "") -> Any:
     """Build dataclass `cls` from a (partial) nested dict, checking keys and types."""
     hints = typing.get_type_hints(cls)
     fields = {f.name for f in dataclasses.fields(cls)}
     kwargs = {}
     for name, value in data.items():
+        key = f"{prefix}.{name}" if prefix else name
+        if name not in fields and key in RETIRED:  # in configs saved by older runs
+            print(f"[raykd] config key {key} is ignored: {RETIRED[key]}", file=sys.stderr, flush=True)
+            continue
         if name not in fields:
             raise _unknown_key(cls, name, prefix)
-        key = f"{prefix}.{name}" if prefix else name
         kwargs[name] = _coerce(value, hints[name], key)
     try:
         return cls(**kwargs)

@@ -78,3 +78,16 @@ def test_stage_needs_a_positive_weight():
 @pytest.mark.parametrize("recipe", sorted((REPO / "jobs/configs").glob("*.yaml")))
 def test_shipped_recipes_load(recipe):
     load(recipe)
+
+
+def test_config_saved_by_an_older_version_still_loads(tmp_path, capsys):
+    """A run's config.yaml with a retired key (results.latency_seq_len) reruns, with a note;
+    a key that never existed is still an error."""
+    path = tmp_path / "config.yaml"
+    save(load(None, ["data.tasks=[stsb]"]), path)
+    path.write_text(path.read_text().replace("results:\n", "results:\n  latency_seq_len: 64\n"))
+    assert load(path).data.tasks == ("stsb",)
+    assert "results.latency_seq_len is ignored" in capsys.readouterr().err
+    path.write_text(path.read_text().replace("results:\n  latency_seq_len", "results:\n  latency_seq_lenn"))
+    with pytest.raises(ConfigError, match="unknown config key results.latency_seq_lenn"):
+        load(path)
