@@ -301,6 +301,12 @@ class ResultRow:
     recipe: str = ""  # a recipe YAML (relative to the repo) or "" for the built-in default
     overrides: tuple[str, ...] = ()  # dotted key=value applied to the recipe
     per_task: bool = True  # one run per task (single-task rows) or one run on every task
+    # task -> more overrides for that task's runs only (per-task rows), e.g. a task's own lr
+    task_overrides: dict[str, tuple[str, ...]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _check(self.per_task or not self.task_overrides,
+               f"row {self.name}: task_overrides need per_task: true (one run per task)")
 
 
 @dataclass(frozen=True)
@@ -417,6 +423,7 @@ def _unknown_key(cls: type, name: str, prefix: str) -> ConfigError:
 # Keys older versions had and saved into every run's config.yaml: a saved config still loads
 # (rerunning a run from its config.yaml is the documented way to reproduce it).
 RETIRED = {"results.latency_seq_len": "it was never read (the report times latency at 64 tokens)"}
+_RETIRED_SEEN: set[str] = set()  # each noted once per process
 
 
 def from_dict(cls: type, data: Mapping[str, Any], prefix: str = "") -> Any:
@@ -427,7 +434,9 @@ def from_dict(cls: type, data: Mapping[str, Any], prefix: str = "") -> Any:
     for name, value in data.items():
         key = f"{prefix}.{name}" if prefix else name
         if name not in fields and key in RETIRED:  # in configs saved by older runs
-            print(f"[raykd] config key {key} is ignored: {RETIRED[key]}", file=sys.stderr, flush=True)
+            if key not in _RETIRED_SEEN:
+                _RETIRED_SEEN.add(key)
+                print(f"[raykd] config key {key} is ignored: {RETIRED[key]}", file=sys.stderr, flush=True)
             continue
         if name not in fields:
             raise _unknown_key(cls, name, prefix)

@@ -3,7 +3,8 @@ teachers (teacher.dir) and caches (cache.root), then one table, CSV and PNG from
 
 A row is a recipe plus overrides, run once per task and seed (`per_task`, single-task methods)
 or once on all tasks (multi-task methods). A run whose report exists is not recomputed, so
-rebuilding the table after an interruption or after adding a row only runs what is missing.
+rebuilding the table after an interruption or after adding a row only runs what is missing; a
+finished run whose config has changed since (a row's overrides edited) is moved aside and rerun.
 """
 from __future__ import annotations
 
@@ -51,6 +52,11 @@ def plan_runs(cfg: Config) -> list[Run]:
     unknown = set(cfg.results.seeds) - set(cfg.data.tasks)
     if unknown:
         raise ConfigError(f"results.seeds names {sorted(unknown)}, which are not in data.tasks {list(cfg.data.tasks)}")
+    for i, row in enumerate(cfg.results.rows):
+        unknown = set(row.task_overrides) - set(cfg.data.tasks)
+        if unknown:
+            raise ConfigError(f"results.rows.{i} ({row.name}): task_overrides names {sorted(unknown)}, "
+                              f"which are not in data.tasks {list(cfg.data.tasks)}")
     base = to_dict(cfg)
     root = runs_dir(cfg)
     shared = {"ray": base["ray"], "cache": base["cache"], "data": base["data"],
@@ -66,7 +72,8 @@ def plan_runs(cfg: Config) -> list[Run]:
             sections = shared | {"run": {"name": name, "output_dir": str(root / "runs"), "seed": seed},
                                  "data": {**shared["data"], "tasks": list(tasks)}}
             try:
-                run_cfg = load(recipe or None, row.overrides, sections)
+                extra = row.task_overrides.get(tasks[0], ()) if row.per_task else ()
+                run_cfg = load(recipe or None, [*row.overrides, *extra], sections)
             except ConfigError as e:
                 raise ConfigError(f"results.rows.{i} ({row.name}): {e}") from None
             out.append(Run(row, tuple(tasks), seed, run_cfg))
@@ -77,9 +84,18 @@ def run_all(cfg: Config, pipeline_run: Callable[[Config], None], only: tuple[str
     """Run every missing run (in row order); returns the runs that failed (they are retried on
     the next call). `only`: row names to run (default: all)."""
     plan = [r for r in plan_runs(cfg) if not only or r.row.name in only]
-    todo = [r for r in plan if not (r.folder / "report.json").is_file()]
+    stale = {r.cfg.run.name: changed_keys(r) for r in plan if (r.folder / "report.json").is_file()}
+    stale = {name: keys for name, keys in stale.items() if keys}
+    todo = [r for r in plan if not (r.folder / "report.json").is_file() or r.cfg.run.name in stale]
     print(f"[raykd results] {len(plan)} runs, {len(plan) - len(todo)} finished earlier, "
-          f"{len(todo)} to run", flush=True)
+          f"{len(todo)} to run" + (f" ({len(stale)} of them changed since they ran)" if stale else ""),
+          flush=True)
+    for run in todo:
+        if run.cfg.run.name in stale:  # its finished stages must not be resumed: move it aside
+            old = run.folder.with_name(f"{run.folder.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+            print(f"[raykd results] {run.cfg.run.name}: config changed since it ran "
+                  f"({'; '.join(stale[run.cfg.run.name])}); the old run moves to {old.name}", flush=True)
+            run.folder.rename(old)
     failed = []
     for i, run in enumerate(todo):
         print(f"[raykd results] run {i + 1}/{len(todo)}: {run.cfg.run.name} "
@@ -93,6 +109,35 @@ def run_all(cfg: Config, pipeline_run: Callable[[Config], None], only: tuple[str
             continue
         print(f"[raykd results] {run.cfg.run.name} done in {time.perf_counter() - t0:.0f} s", flush=True)
     return failed
+
+
+# Keys that say where a run reads and writes or which Ray it uses, not what it computes: a
+# finished run whose saved config differs only in these is still current.
+WHERE_KEYS = ("run.output_dir", "run.storage_path", "run.keep_checkpoints", "cache.root",
+              "data.glue_dir", "ray.address", "ray.num_cpus")
+
+
+def changed_keys(run: Run) -> list[str]:
+    """How a finished run's saved config differs from the one planned now ("key: old -> new"),
+    except WHERE_KEYS; [] when it is current (or has no saved config)."""
+    saved = run.folder / "config.yaml"
+    if not saved.is_file():
+        return []
+    before, now = _flat(to_dict(load(saved))), _flat(to_dict(run.cfg))
+    return [f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(before) | set(now))
+            if k not in WHERE_KEYS and before.get(k) != now.get(k)]
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, list) and v and all(isinstance(x, dict) for x in v):  # stages: by index
+            v = {str(i): x for i, x in enumerate(v)} | {"count": len(v)}
+        if isinstance(v, dict) and v:
+            out |= _flat(v, f"{prefix}{k}.")
+        else:
+            out[prefix + k] = v
+    return out
 
 
 # ------------------------------------------------------------------ the table
@@ -109,6 +154,10 @@ def collect(cfg: Config) -> list[dict]:
     for run in plan_runs(cfg):
         path = run.folder / "report.json"
         if not path.is_file():
+            continue
+        if changed := changed_keys(run):
+            print(f"[raykd results] {run.cfg.run.name} left out of the table: its config changed since it "
+                  f"ran ({'; '.join(changed)}); rerun the rows to include it", flush=True)
             continue
         report = json.loads(path.read_text())
         lat = report["latency_ms"]

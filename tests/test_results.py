@@ -107,3 +107,43 @@ def test_run_clock_sums_a_resumed_runs_invocations(tmp_path):
     assert second.invocations == 2 and total >= one[0] + 0.2
     both = json.loads((tmp_path / RunClock.FILE).read_text())["invocations_s"]
     assert both[0] == one[0] and len(both) == 2 and both[1] >= 0.2
+
+
+def test_task_overrides_and_a_changed_run_is_moved_aside_and_rerun(tmp_path, capsys):
+    """A row's task_overrides reach only that task's runs; a finished run whose config changed
+    since it ran is moved aside and rerun (its finished stages must not be resumed), and the
+    others are kept. `pipeline_run` here writes what jobs.pipeline leaves: config and report."""
+    from pipeline.config import save
+    from pipeline.results import changed_keys, run_all
+
+    def planned(lr: str):
+        rows = [{"name": "nd", "recipe": "jobs/configs/sst2_nodistill.yaml",
+                 "task_overrides": {"stsb": [f"distill.stages.0.optim.lr={lr}"]}}]
+        return load(None, {"run.output_dir": str(tmp_path), "data.tasks": ["sst2", "stsb"],
+                           "results.rows": rows})
+
+    ran = []
+
+    def pipeline_run(cfg):
+        folder = Path(cfg.run.output_dir) / cfg.run.name
+        folder.mkdir(parents=True)
+        save(cfg, folder / "config.yaml")
+        (folder / "report.json").write_text("{}")
+        ran.append(cfg.run.name)
+
+    runs = {r.tasks[0]: r for r in plan_runs(planned("2e-4"))}
+    assert runs["stsb"].cfg.distill.stages[0].optim.lr == 2e-4
+    assert runs["sst2"].cfg.distill.stages[0].optim.lr == 5e-5  # the recipe's own
+    assert run_all(planned("2e-4"), pipeline_run) == [] and ran == ["nd-sst2-s0", "nd-stsb-s0"]
+    assert run_all(planned("2e-4"), pipeline_run) == [] and len(ran) == 2  # nothing changed
+    assert changed_keys(plan_runs(planned("3e-4"))[1]) == ["distill.stages.0.optim.lr: 0.0002 -> 0.0003"]
+    run_all(planned("3e-4"), pipeline_run)
+    assert ran[2:] == ["nd-stsb-s0"]
+    out = capsys.readouterr().out
+    assert "2 runs, 1 finished earlier, 1 to run (1 of them changed since they ran)" in out
+    assert len(list(tmp_path.glob("*/runs/nd-stsb-s0.replaced-*"))) == 1
+    with pytest.raises(ConfigError, match=r"task_overrides names \['cola'\]"):
+        plan_runs(load(None, {"data.tasks": ["sst2"], "results.rows": [
+            {"name": "x", "task_overrides": {"cola": ["student.heads=6"]}}]}))
+    with pytest.raises(ConfigError, match="task_overrides need per_task"):
+        load(None, {"results.rows": [{"name": "x", "per_task": False, "task_overrides": {"sst2": []}}]})
