@@ -268,7 +268,9 @@ def render(cfg: Config, rows: list[dict], command: str, png_name: str) -> str:
     for row in cfg.results.rows:
         lines.append(f"- **{row.name}**: recipe `{row.recipe or '(built-in default)'}`"
                      + (f" with `{' '.join(row.overrides)}`" if row.overrides else "")
-                     + (", one run per task and seed" if row.per_task else ", one run on all tasks"))
+                     + (", one run per task and seed" if row.per_task else ", one run on all tasks")
+                     + "".join(f"; {task} runs also `{' '.join(extra)}`"
+                               for task, extra in row.task_overrides.items()))
     root = runs_dir(cfg)
     lines += ["", f"Each run's exact config is `<run>/config.yaml` under `{root}`; rerun one with "
               "`python -m jobs.pipeline --config <run>/config.yaml`. Runs:", ""]
