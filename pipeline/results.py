@@ -291,12 +291,12 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for r in rows:
-        if r["avg"] is None:
-            continue
-        ax.scatter(r["bs1_ms"], r["avg"], marker="*" if r["teacher"] else "o", s=90 if r["teacher"] else 40)
-        ax.annotate(r["name"], (r["bs1_ms"], r["avg"]), fontsize=7, xytext=(4, 2), textcoords="offset points")
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    colors = plt.get_cmap("tab20").colors  # a legend, not labels: close points' labels overprint
+    for i, r in enumerate(r for r in rows if r["avg"] is not None):
+        ax.scatter(r["bs1_ms"], r["avg"], marker="*" if r["teacher"] else "o", s=110 if r["teacher"] else 45,
+                   color=colors[i % len(colors)], label=r["name"], edgecolors="black", linewidths=0.3)
+    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=7, frameon=False)
     ax.set_xlabel("latency at batch 1, bf16 (ms)")
     ax.set_ylabel("average GLUE dev metric")
     ax.set_title("every row: average metric vs latency")

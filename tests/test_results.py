@@ -147,3 +147,4 @@ def test_task_overrides_and_a_changed_run_is_moved_aside_and_rerun(tmp_path, cap
             {"name": "x", "task_overrides": {"cola": ["student.heads=6"]}}]}))
     with pytest.raises(ConfigError, match="task_overrides need per_task"):
         load(None, {"results.rows": [{"name": "x", "per_task": False, "task_overrides": {"sst2": []}}]})
+
