@@ -37,7 +37,8 @@ def _steps(cfg, args, out, clock: RunClock) -> None:
     train = cache_requests(cfg, teachers)
     for r in train:
         print(f"[raykd] cache for {r.task}: {list(r.quantities)}", flush=True)
-    dev_keys = dict(zip(teachers, ensure_caches(cfg, dev + train)))  # one cache job for all of them
+    keys = ensure_caches(cfg, dev + train)  # one cache job for all of them
+    dev_keys = dict(zip(teachers, keys[:len(dev)]))
     print("[raykd] 3/4 student", flush=True)
     distill_student(cfg, teachers)
     students = final_students(cfg)

@@ -84,9 +84,9 @@ def run_all(cfg: Config, pipeline_run: Callable[[Config], None], only: tuple[str
     """Run every missing run (in row order); returns the runs that failed (they are retried on
     the next call). `only`: row names to run (default: all)."""
     plan = [r for r in plan_runs(cfg) if not only or r.row.name in only]
-    stale = {r.cfg.run.name: changed_keys(r) for r in plan if (r.folder / "report.json").is_file()}
-    stale = {name: keys for name, keys in stale.items() if keys}
-    todo = [r for r in plan if not (r.folder / "report.json").is_file() or r.cfg.run.name in stale]
+    finished = {r.cfg.run.name for r in plan if (r.folder / "report.json").is_file()}
+    stale = {r.cfg.run.name: keys for r in plan if r.cfg.run.name in finished and (keys := changed_keys(r))}
+    todo = [r for r in plan if r.cfg.run.name not in finished or r.cfg.run.name in stale]
     print(f"[raykd results] {len(plan)} runs, {len(plan) - len(todo)} finished earlier, "
           f"{len(todo)} to run" + (f" ({len(stale)} of them changed since they ran)" if stale else ""),
           flush=True)

@@ -34,7 +34,7 @@ from transformers import AutoConfig  # noqa: E402
 
 from pipeline import data, evaluate, models, sweep_results  # noqa: E402
 from pipeline.cache import store
-from pipeline.cache.build import ensure_caches, request, run_fields
+from pipeline.cache.build import build_missing, plan_caches, request, run_fields
 from pipeline.cache.key import cache_key, check_fields
 from pipeline.cache.reader import _override_hint, plan_sets
 from pipeline.cache.store import CacheError
@@ -112,12 +112,11 @@ def prepare_cache(cfg: Config, teachers: dict[str, list[Path]], quantities: list
     """(train cache keys, shard sets written now): the cache is built here once, never in a trial."""
     if not quantities:
         return (), 0
+    if build:  # one cache job for every task's missing quantities
+        keys, missing = plan_caches(cfg, [request(teachers[t], t, "train", quantities) for t in cfg.data.tasks])
+        return tuple(keys), build_missing(cfg, missing)
     fields = {t: run_fields(cfg, teachers[t], t, "train")[0] for t in cfg.data.tasks}
     keys = tuple(cache_key(f) for f in fields.values())
-    if build:  # one cache job for every task's missing quantities
-        before = count_sets(cfg.cache.root, keys)
-        ensure_caches(cfg, [request(teachers[t], t, "train", quantities) for t in cfg.data.tasks])
-        return keys, count_sets(cfg.cache.root, keys) - before
     for (task, f), key in zip(fields.items(), keys):
         try:
             check_fields(cfg.cache.root, key, f)

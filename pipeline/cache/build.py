@@ -53,7 +53,15 @@ def ensure_cache(cfg: Config, teachers: list[Path], task: str, split: str,
 def ensure_caches(cfg: Config, requests: list[CacheRequest]) -> list[str]:
     """Each request's cache key, in order. Everything missing is computed by one cache job per
     teacher (or ensemble): its actors load the teacher once for all the splits and tasks."""
-    keys, jobs, tokenizers = [], {}, {}
+    keys, missing = plan_caches(cfg, requests)
+    build_missing(cfg, missing)
+    return keys
+
+
+def plan_caches(cfg: Config, requests: list[CacheRequest]) -> tuple[list[str], dict]:
+    """(each request's key, what is missing): teachers -> {key: (fields, frame, quantities, task)},
+    one shard set per key (the same cache asked for twice gets both requests' quantities)."""
+    keys, missing = [], {}
     for r in requests:
         fields, frame = run_fields(cfg, list(r.teachers), r.task, r.split)
         key = ckey.cache_key(fields)
@@ -61,27 +69,32 @@ def ensure_caches(cfg: Config, requests: list[CacheRequest]) -> list[str]:
         have = cached_quantities(cfg.cache.root, key)
         if have:
             ckey.check_fields(cfg.cache.root, key, fields)
-        planned = jobs.get(r.teachers, {}).get(key)
-        missing = [q for q in dict.fromkeys(r.quantities) if q not in have]
-        if planned:  # the same cache asked for twice: one shard set with both requests' quantities
-            missing = [q for q in dict.fromkeys([*planned[2], *missing])]
-        if not missing:
+        planned = missing.get(r.teachers, {}).get(key)
+        wanted = [*planned[2], *r.quantities] if planned else r.quantities
+        todo = [q for q in dict.fromkeys(wanted) if q not in have]
+        if not todo:
             print(f"[raykd cache] {key}: reusing cached {sorted(have)} (teacher not loaded)", flush=True)
             continue
         if have and not planned:
-            print(f"[raykd cache] {key}: has {sorted(have)}; adding {missing}", flush=True)
-        jobs.setdefault(r.teachers, {})[key] = (fields, frame, missing, r.task)
-    for teachers, planned in jobs.items():
+            print(f"[raykd cache] {key}: has {sorted(have)}; adding {todo}", flush=True)
+        missing.setdefault(r.teachers, {})[key] = (fields, frame, todo, r.task)
+    return keys, missing
+
+
+def build_missing(cfg: Config, missing: dict) -> int:
+    """Write what `plan_caches` found missing, one cache job per teacher; returns the number of
+    shard sets written."""
+    for teachers, planned in missing.items():
         first = str(teachers[0])
-        tokenizer = tokenizers.setdefault(first, AutoTokenizer.from_pretrained(first))
+        tokenizer = AutoTokenizer.from_pretrained(first)
         width = AutoConfig.from_pretrained(first).hidden_size
         shard_jobs = []
-        for fields, frame, missing, task in planned.values():
+        for fields, frame, quantities, task in planned.values():
             table = data.tokenize_frame(frame, tokenizer, cfg.data.max_len)
             if task == data.UNLABELED:  # logits of unlabeled text come from the teacher's first head
                 num_outputs = next(iter(read_meta(teachers[0])["tasks"].values()))
             else:
                 num_outputs = data.task_of(cfg.data, task).num_outputs
-            shard_jobs.append(plan_job(table, fields, missing, width, num_outputs, len(teachers), cfg.cache))
+            shard_jobs.append(plan_job(table, fields, quantities, width, num_outputs, len(teachers), cfg.cache))
         run_cache_jobs(shard_jobs, [str(t) for t in teachers], cfg.cache, use_gpu=cfg.ray.use_gpu)
-    return keys
+    return sum(len(planned) for planned in missing.values())
