@@ -138,7 +138,7 @@ def train_worker(ctx: dict[str, Any]) -> None:
         losses = log.epoch_losses()
         metrics = _evaluate_rank0(net.model, ctx, cfg, rank, device, amp, losses)
         metrics |= {"epoch": epoch, "step": step, "train_examples_per_s": log.rate(),
-                    "data_wait_fraction": log.wait_fraction(),
+                    "epoch_examples_per_s": log.epoch_rate, "data_wait_fraction": log.wait_fraction(),
                     "first_step_unix": log.first_step_unix, **losses,
                     "placement_group": _placement_group_id()}
         _report(metrics, net, opt, sched, epoch, step, start_epoch, rank)
@@ -257,6 +257,8 @@ class _Progress:
         self.sums: dict[str, float] = {}
         self.steps = 0
         self.wait_s = 0.0  # time the loop waited for its next batch (0 when reading keeps up)
+        self.epoch_rate = 0.0  # examples/s of the last finished epoch alone (after start-up: steady)
+        self._epoch_examples = 0
 
     def timed_wait(self, batches):
         """`batches`, timing how long the loop waits on each."""
@@ -291,9 +293,12 @@ class _Progress:
 
     def begin_epoch(self) -> None:
         self.t_begin = time.perf_counter()
+        self._epoch_examples = self.examples
 
     def end_epoch(self) -> None:
-        self.train_s += time.perf_counter() - self.t_begin
+        spent = time.perf_counter() - self.t_begin
+        self.train_s += spent
+        self.epoch_rate = (self.examples - self._epoch_examples) / max(spent, 1e-9)
         self.t_begin = None
 
     def _training_s(self) -> float:
@@ -367,6 +372,8 @@ def fit(cfg: Config, stage: StageConfig, model_spec: dict, tasks: dict[str, dict
     with best.as_directory() as d:  # a download when the storage is a URI
         shutil.copytree(Path(d) / "model", tmp / "model")
     metrics = dict(_best_metrics(result, best))
+    # the last epoch's own rate, whichever epoch was best: steady-state throughput, start-up excluded
+    metrics["final_epoch_examples_per_s"] = (result.metrics or {}).get("epoch_examples_per_s", 0.0)
     (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
     shutil.rmtree(out_dir, ignore_errors=True)
     os.replace(tmp, out_dir)

@@ -42,6 +42,10 @@ __all__ = [
 # Large negative logit for masked keys. Finite (unlike -inf) so a fully padded example still
 # gives a uniform, NaN-free row; exp(_MASKED) underflows to exactly 0 in float32.
 _MASKED = -1e9
+# PyTorch's CPU (log_)softmax, forward and backward, takes a scalar path when the softmax
+# dimension is shorter than 16: [6144, 15] costs 15x [6144, 16]. Relations over short sequences
+# (SST-2 batches average 15 tokens) get masked extra keys up to 16.
+_MIN_SOFTMAX_KEYS = 16
 
 
 # ---------------------------------------------------------------------------------------------
@@ -89,17 +93,24 @@ def _relation_kl(s: torch.Tensor, t: torch.Tensor, mask: torch.Tensor) -> torch.
     s [B,H,T,ds], t [B,H,T,dt] (already float32, teacher detached), mask [B,T] bool.
     R = softmax(X Xᵀ / sqrt(d)) with d each side's own head width; padded keys masked.
     """
-    key_pad = ~mask[:, None, None, :]  # [B,1,1,T]
+    batch, tokens = mask.shape
+    keys = max(tokens, _MIN_SOFTMAX_KEYS)
+    # Additive key mask: 0 for real keys, _MASKED for padding and for the extra keys that keep
+    # the softmax dimension >= 16. R_T is exactly 0 there, so masked keys add nothing to the KL.
+    key_bias = torch.full((batch, keys), _MASKED, dtype=torch.float32, device=mask.device)
+    key_bias[:, :tokens].masked_fill_(mask, 0.0)
+    key_bias = key_bias[:, None, None, :]  # [B,1,1,K]
 
-    def log_relation(x: torch.Tensor) -> torch.Tensor:
-        scores = x @ x.transpose(-1, -2) / math.sqrt(x.shape[-1])
-        return torch.log_softmax(scores.masked_fill(key_pad, _MASKED), dim=-1)
+    def scores(x: torch.Tensor) -> torch.Tensor:  # [B,H,T,K]
+        sc = x @ x.transpose(-1, -2) / math.sqrt(x.shape[-1])
+        return (F.pad(sc, (0, keys - tokens)) if keys > tokens else sc) + key_bias
 
-    log_rs, log_rt = log_relation(s), log_relation(t)
-    # Padded keys have R_T = 0 exactly; zero them explicitly so their (finite) log gap is unused.
-    terms = (log_rt.exp() * (log_rt - log_rs)).masked_fill(key_pad, 0.0)
-    row_kl = terms.sum(dim=-1)  # [B,H,T]
-    row_weight = mask[:, None, :].to(row_kl.dtype).expand_as(row_kl)
+    t_scores = scores(t)
+    # R_T from softmax, not exp(log R_T): exp of the masked log-probabilities (~-1e9) underflows,
+    # which takes a slow path in torch's CPU exp (15x); softmax does not.
+    row_kl = (torch.softmax(t_scores, -1) * (torch.log_softmax(t_scores, -1)
+                                              - torch.log_softmax(scores(s), -1))).sum(-1)  # [B,H,T]
+    row_weight = mask[:, None, :].to(row_kl.dtype).expand_as(row_kl)  # [B,H,T]
     return (row_kl * row_weight).sum() / row_weight.sum().clamp_min(1.0)
 
 

@@ -144,7 +144,7 @@ def _term(name: str, stage: StageConfig, plan: Plan, s: Features, b: dict, proj:
         return L.logit_mse(s.logits, b["t_logits"])
     pairs = list(zip(range(1, len(plan.layer_map) + 1), plan.layer_map))
     if name == "hidden_mse":
-        return torch.stack([L.hidden_mse(proj[f"hidden_{n}"](s.hidden[n].float()), b[f"t_hidden_{t}"],
+        return torch.stack([L.hidden_mse(_project(proj[f"hidden_{n}"], s.hidden[n]), b[f"t_hidden_{t}"],
                                          mask) for n, t in pairs]).mean()
     if name == "emb_relation":
         return L.token_relation_kl(s.embeddings, b["t_embeddings"], mask)
@@ -163,10 +163,19 @@ def _term(name: str, stage: StageConfig, plan: Plan, s: Features, b: dict, proj:
     if name == "sample_relation":
         return L.sample_relation_kl(s.cls, b["t_cls"])
     if name == "supcon":
-        s_cls = proj["cls"](s.cls.float()) if "cls" in proj else s.cls
+        s_cls = _project(proj["cls"], s.cls) if "cls" in proj else s.cls
         labels = score_bins(b["labels"]) if regression else b["labels"]
         return L.supcon_loss(s_cls, b["t_cls"], labels, stage.supcon_temperature)
     raise KeyError(name)
+
+
+def _project(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """A learned student -> teacher width map, run at the precision the student ran in (bf16
+    under the loop's autocast, like the student's own layers: in fp32 the three MLKD hidden
+    projections cost a third of the loss step); the loss on its output is fp32."""
+    low = x.dtype in (torch.bfloat16, torch.float16)
+    with torch.autocast(x.device.type, dtype=x.dtype if low else torch.bfloat16, enabled=low):
+        return linear(x if low else x.float())
 
 
 def teacher_batch(feats: Features, plan: Plan) -> dict[str, torch.Tensor]:

@@ -204,6 +204,25 @@ def test_mha_relation_kl_matches_formula(ds: int, dt: int, splits: int) -> None:
     assert close(L.mha_relation_kl(s, t, mask, splits), ref_relation_kl(s, t, mask, splits))
 
 
+@pytest.mark.parametrize("tokens", [1, 9, 15, 16, 17, 40])
+def test_relation_kl_same_on_both_sides_of_the_16_key_threshold(tokens: int) -> None:
+    """Below 16 tokens the relations get masked extra keys (torch's CPU softmax is 15x slower
+    on rows shorter than 16); values and gradients must not depend on it: the formula, and the
+    gradient of the same rows padded past 16 with garbage."""
+    lengths = [tokens, max(1, tokens - 5)]
+    mask = lengths_mask(lengths, tokens)
+    s, t = rand(2, tokens, 48, seed=40), rand(2, tokens, 64, seed=41)
+    assert close(L.mha_relation_kl(s, t, mask, 4), ref_relation_kl(s, t, mask, 4))
+    extra = 20 - tokens if tokens < 16 else 3
+    grads = []
+    for x, xt, m in ((s, t, mask), (pad_with_garbage(s, extra, 42), pad_with_garbage(t, extra, 43),
+                                   pad_mask(mask, extra))):
+        x = x.clone().requires_grad_()
+        L.mha_relation_kl(x, xt, m, 4).backward()
+        grads.append(x.grad[:, :tokens])
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-7)
+
+
 def test_mha_relation_kl_odd_head_count() -> None:
     # 3 heads of width 96 (D=288) on both sides, and against a 384-wide teacher.
     s = rand(B, T, 288, seed=16, scale=0.3)
