@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from transformers import AutoConfig, AutoTokenizer
+from transformers import AutoConfig
 
 from pipeline import data
 from pipeline.cache import key as ckey
@@ -86,15 +86,14 @@ def build_missing(cfg: Config, missing: dict) -> int:
     shard sets written."""
     for teachers, planned in missing.items():
         first = str(teachers[0])
-        tokenizer = AutoTokenizer.from_pretrained(first)
         width = AutoConfig.from_pretrained(first).hidden_size
         shard_jobs = []
         for fields, frame, quantities, task in planned.values():
-            table = data.tokenize_frame(frame, tokenizer, cfg.data.max_len)
             if task == data.UNLABELED:  # logits of unlabeled text come from the teacher's first head
                 num_outputs = next(iter(read_meta(teachers[0])["tasks"].values()))
             else:
                 num_outputs = data.task_of(cfg.data, task).num_outputs
-            shard_jobs.append(plan_job(table, fields, quantities, width, num_outputs, len(teachers), cfg.cache))
+            shard_jobs.append(plan_job(frame, first, cfg.data.max_len, fields, quantities, width, num_outputs,
+                                       len(teachers), cfg.cache))
         run_cache_jobs(shard_jobs, [str(t) for t in teachers], cfg.cache, use_gpu=cfg.ray.use_gpu)
     return sum(len(planned) for planned in missing.values())
