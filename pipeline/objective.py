@@ -173,9 +173,10 @@ def _project(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """A learned student -> teacher width map, run at the precision the student ran in (bf16
     under the loop's autocast, like the student's own layers: in fp32 the three MLKD hidden
     projections cost a third of the loss step); the loss on its output is fp32."""
-    low = x.dtype in (torch.bfloat16, torch.float16)
-    with torch.autocast(x.device.type, dtype=x.dtype if low else torch.bfloat16, enabled=low):
-        return linear(x if low else x.float())
+    if x.dtype in (torch.bfloat16, torch.float16):
+        with torch.autocast(x.device.type, dtype=x.dtype):
+            return linear(x)
+    return linear(x.float())
 
 
 def teacher_batch(feats: Features, plan: Plan) -> dict[str, torch.Tensor]:

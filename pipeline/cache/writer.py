@@ -171,6 +171,7 @@ def plan_job(frame, tokenizer_path: str, max_len: int, fields: dict, quantities:
     actors take its result after loading the teacher, so ~2 s of tokenizing a 67k-row split
     no longer delays the first shard."""
     import ray
+
     key = ckey.cache_key(fields)
     sid = ckey.set_id(quantities, cache_cfg.dtype)
     fs, base = store.filesystem(cache_cfg.root)
