@@ -77,14 +77,50 @@ def _check_tokens(s: torch.Tensor, t: torch.Tensor, name: str) -> None:
 
 
 def _split_heads(x: torch.Tensor, heads: int, what: str) -> torch.Tensor:
-    """[B,T,D] -> [B,H,T,D/H]; ValueError if heads does not divide D."""
+    """[B,T,D] -> float32 [B,H,T,D/H], contiguous (the upcast and the head transpose in one
+    copy); ValueError if heads does not divide D."""
     b, t, d = x.shape
     if heads < 1 or d % heads != 0:
         raise ValueError(
             f"{what}: cannot split width {d} into {heads} equal heads/chunks; "
             f"choose a count that divides {d}."
         )
-    return x.reshape(b, t, heads, d // heads).transpose(1, 2)
+    return x.reshape(b, t, heads, d // heads).transpose(1, 2).to(torch.float32, memory_format=torch.contiguous_format)
+
+
+def _relation_scores(x: torch.Tensor, key_bias: torch.Tensor) -> torch.Tensor:
+    """x [N,T,d], key_bias [N,1,K] (K >= T) -> X Xᵀ / sqrt(d) + key_bias as [N,T,K]; the scale
+    and the mask are fused into the matmul, keys past T are the bias alone."""
+    n, tokens, keys = x.shape[0], x.shape[1], key_bias.shape[-1]
+    alpha = 1.0 / math.sqrt(x.shape[-1])
+    if keys == tokens:
+        return torch.baddbmm(key_bias, x, x.transpose(1, 2), alpha=alpha)
+    out = key_bias.expand(n, tokens, keys).clone()
+    out[..., :tokens] = torch.baddbmm(key_bias[..., :tokens], x, x.transpose(1, 2), alpha=alpha)
+    return out
+
+
+class _RelationKL(torch.autograd.Function):
+    """Row-wise KL(R_T || R_S), R = softmax(X Xᵀ / sqrt(d) + key_bias), forward and backward by
+    hand. Autograd would keep a dozen [N,T,K] passes (scale, mask, two log-softmaxes, sub, mul,
+    sum and each one's backward); on CPU these elementwise passes, not the matmuls, are what
+    relation losses cost. With G = (softmax(S_S) - R_T) * row gradient (rows of R_T sum to 1),
+    d/dX_S = (G + Gᵀ) X_S / sqrt(d_S). The teacher's X_T gets no gradient."""
+
+    @staticmethod
+    def forward(ctx, xs: torch.Tensor, xt: torch.Tensor, key_bias: torch.Tensor) -> torch.Tensor:
+        s_scores = _relation_scores(xs, key_bias)
+        t_scores = _relation_scores(xt, key_bias)
+        r_t = torch.softmax(t_scores, -1)
+        kl = torch.log_softmax(t_scores, -1).sub_(torch.log_softmax(s_scores, -1)).mul_(r_t).sum(-1)
+        ctx.save_for_backward(xs, s_scores, r_t)
+        return kl  # [N,T]
+
+    @staticmethod
+    def backward(ctx, grad_rows: torch.Tensor):
+        xs, s_scores, r_t = ctx.saved_tensors
+        g = torch.softmax(s_scores, -1).sub_(r_t).mul_(grad_rows.unsqueeze(-1))[..., :xs.shape[1]]
+        return torch.bmm(g + g.transpose(1, 2), xs).mul_(1.0 / math.sqrt(xs.shape[-1])), None, None
 
 
 def _relation_kl(s: torch.Tensor, t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -93,23 +129,15 @@ def _relation_kl(s: torch.Tensor, t: torch.Tensor, mask: torch.Tensor) -> torch.
     s [B,H,T,ds], t [B,H,T,dt] (already float32, teacher detached), mask [B,T] bool.
     R = softmax(X Xᵀ / sqrt(d)) with d each side's own head width; padded keys masked.
     """
-    batch, tokens = mask.shape
+    batch, heads, tokens = s.shape[:3]
     keys = max(tokens, _MIN_SOFTMAX_KEYS)
     # Additive key mask: 0 for real keys, _MASKED for padding and for the extra keys that keep
     # the softmax dimension >= 16. R_T is exactly 0 there, so masked keys add nothing to the KL.
     key_bias = torch.full((batch, keys), _MASKED, dtype=torch.float32, device=mask.device)
     key_bias[:, :tokens].masked_fill_(mask, 0.0)
-    key_bias = key_bias[:, None, None, :]  # [B,1,1,K]
-
-    def scores(x: torch.Tensor) -> torch.Tensor:  # [B,H,T,K]
-        sc = x @ x.transpose(-1, -2) / math.sqrt(x.shape[-1])
-        return (F.pad(sc, (0, keys - tokens)) if keys > tokens else sc) + key_bias
-
-    t_scores = scores(t)
-    # R_T from softmax, not exp(log R_T): exp of the masked log-probabilities (~-1e9) underflows,
-    # which takes a slow path in torch's CPU exp (15x); softmax does not.
-    row_kl = (torch.softmax(t_scores, -1) * (torch.log_softmax(t_scores, -1)
-                                              - torch.log_softmax(scores(s), -1))).sum(-1)  # [B,H,T]
+    key_bias = key_bias[:, None, None, :].expand(batch, heads, 1, keys).reshape(batch * heads, 1, keys)
+    row_kl = _RelationKL.apply(s.reshape(batch * heads, tokens, -1), t.reshape(batch * heads, tokens, -1),
+                               key_bias).view(batch, heads, tokens)
     row_weight = mask[:, None, :].to(row_kl.dtype).expand_as(row_kl)  # [B,H,T]
     return (row_kl * row_weight).sum() / row_weight.sum().clamp_min(1.0)
 
@@ -181,7 +209,7 @@ def hidden_mse(s_proj: torch.Tensor, t: torch.Tensor, mask: torch.Tensor) -> tor
             "project the student to the teacher width before calling."
         )
     m = _bool_mask(mask, *t.shape[:2])
-    sq = (_student(s_proj) - _teacher(t)).pow(2).sum(dim=-1)  # [B,T]
+    sq = (_student(s_proj) - t.detach()).float().square().sum(dim=-1)  # [B,T]; a 16-bit t is promoted on the fly
     n_values = m.sum().clamp_min(1) * t.shape[-1]
     return (sq * m).sum() / n_values
 
@@ -208,8 +236,8 @@ def mha_relation_kl(s: torch.Tensor, t: torch.Tensor, mask: torch.Tensor, splits
     """
     _check_tokens(s, t, "mha_relation_kl")
     m = _bool_mask(mask, *s.shape[:2])
-    s_h = _split_heads(_student(s), splits, "mha_relation_kl (student)")
-    t_h = _split_heads(_teacher(t), splits, "mha_relation_kl (teacher)")
+    s_h = _split_heads(s, splits, "mha_relation_kl (student)")
+    t_h = _split_heads(t.detach(), splits, "mha_relation_kl (teacher)")
     return _relation_kl(s_h, t_h, m)
 
 
@@ -232,8 +260,8 @@ def qkv_relation_kl(
     for name, s, t in zip("QKV", s_qkv, t_qkv):
         _check_tokens(s, t, f"qkv_relation_kl ({name})")
         m = _bool_mask(mask, *s.shape[:2])
-        s_h = _split_heads(_student(s), relation_heads, f"qkv_relation_kl (student {name})")
-        t_h = _split_heads(_teacher(t), relation_heads, f"qkv_relation_kl (teacher {name})")
+        s_h = _split_heads(s, relation_heads, f"qkv_relation_kl (student {name})")
+        t_h = _split_heads(t.detach(), relation_heads, f"qkv_relation_kl (teacher {name})")
         loss = _relation_kl(s_h, t_h, m)
         total = loss if total is None else total + loss
     return total / 3.0
@@ -316,9 +344,7 @@ def attention_map_mse(
         k_h = _split_heads(k, heads, f"attention_map_mse ({side} K)")
         return q_h @ k_h.transpose(-1, -2) / math.sqrt(q_h.shape[-1])
 
-    diff = scores(_student(s_q), _student(s_k), "student") - scores(
-        _teacher(t_q), _teacher(t_k), "teacher"
-    )
+    diff = scores(s_q, s_k, "student") - scores(t_q.detach(), t_k.detach(), "teacher")  # heads come out float32
     pair = (m[:, :, None] & m[:, None, :])[:, None]  # [B,1,T,T]
     n_values = pair.sum().clamp_min(1) * heads
     return diff.pow(2).masked_fill(~pair, 0.0).sum() / n_values
