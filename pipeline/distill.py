@@ -101,13 +101,15 @@ def train_worker(ctx: dict[str, Any]) -> None:
     amp = stage.optim.bf16 and evaluate.bf16_supported(device)
     step, log = (state or {}).get("step", 0), _Progress(rank, total)
 
+    def epoch_batches(epoch: int):  # read + collate the next batches while this one trains
+        return prefetched((task, _collate(table, (ctx["cache_columns"] or {}).get(task)))  # per task: widths differ
+                          for task, table in _train_batches(sources, counts, rank, world, per_worker,
+                                                            cfg.data.sampling_alpha, ctx["seed"] + epoch))
+
+    batches = epoch_batches(start_epoch)
     for epoch in range(start_epoch, stage.optim.epochs):
         trainee.train()
         log.begin_epoch()
-        batches = prefetched(  # read + collate the next batches while this one trains
-            (task, _collate(table, (ctx["cache_columns"] or {}).get(task)))  # per task: widths differ
-            for task, table in _train_batches(sources, counts, rank, world, per_worker,
-                                              cfg.data.sampling_alpha, ctx["seed"] + epoch))
         timed = log.timed_wait(batches)
         for task, batch in timed:
             batch = {k: v.to(device) for k, v in batch.items()}
@@ -135,6 +137,8 @@ def train_worker(ctx: dict[str, Any]) -> None:
                 break
         timed.close()
         log.end_epoch()
+        if epoch + 1 < stage.optim.epochs and step < total:
+            batches = epoch_batches(epoch + 1)  # its first window is read while this epoch is evaluated
         losses = log.epoch_losses()
         metrics = _evaluate_rank0(net.model, ctx, cfg, rank, device, amp, losses)
         metrics |= {"epoch": epoch, "step": step, "train_examples_per_s": log.rate(),

@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import queue
 import threading
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -110,8 +111,8 @@ def _table_windows(table: pa.Table, rank: int, world: int, batch_size: int, rng)
 
 def _cache_windows(source: CacheSource, rank: int, n: int, rng):
     """Rows [rank*n, (rank+1)*n) of the shards concatenated in this epoch's random order: each
-    worker reads only its own shards, a window of CACHE_WINDOW_SHARDS at a time, the next shard
-    prefetched in a thread while the current ones train."""
+    worker reads only its own shards, a window of CACHE_WINDOW_SHARDS at a time; a thread reads
+    the next window's shards while the current one trains (two windows in memory at most)."""
     order = rng.permutation(len(source.shard_rows))
     pieces, start = [], 0  # (shard, first row, end row) of this worker's range
     lo, hi = rank * n, (rank + 1) * n
@@ -120,16 +121,14 @@ def _cache_windows(source: CacheSource, rank: int, n: int, rng):
         if end > lo and start < hi:
             pieces.append((int(s), max(lo, start) - start, min(hi, end) - start))
         start = end
-    with ThreadPoolExecutor(1) as pool:
-        pending = pool.submit(_read_piece, source, *pieces[0]) if pieces else None
-        window = []
-        for i in range(len(pieces)):
-            part = pending.result()
-            pending = pool.submit(_read_piece, source, *pieces[i + 1]) if i + 1 < len(pieces) else None
-            window.append(part)
-            if len(window) == CACHE_WINDOW_SHARDS or i == len(pieces) - 1:
-                yield pa.concat_tables(window)
-                window = []
+    windows = [pieces[i:i + CACHE_WINDOW_SHARDS] for i in range(0, len(pieces), CACHE_WINDOW_SHARDS)]
+    if not windows:
+        return
+    with ThreadPoolExecutor(1) as pool:  # reads the next window's pieces while this one trains
+        reading = [pool.submit(_read_piece, source, *p) for p in windows[0]]
+        for following in [*windows[1:], []]:
+            current, reading = reading, [pool.submit(_read_piece, source, *p) for p in following]
+            yield pa.concat_tables([f.result() for f in current])
 
 
 def _read_piece(source: CacheSource, shard: int, first: int, end: int) -> pa.Table:
@@ -176,8 +175,10 @@ _END = object()
 def prefetched(items: Iterator, depth: int = 2) -> Iterator:
     """`items`, produced up to `depth` ahead by a background thread, in the same order: the
     next batches are read and collated (Arrow/numpy work that mostly releases the GIL) while
-    the current one trains. An error in the producer is raised here; stopping early (a
-    `break`, or closing this generator) stops the thread."""
+    the current one trains. The thread starts at once, not at the first `next`: an iterator
+    made ahead of time (the next epoch's, during this one's evaluation) is already reading.
+    An error in the producer is raised here; stopping early (a `break`, closing the iterator,
+    or dropping one never iterated) stops the thread."""
     q: queue.Queue = queue.Queue(maxsize=depth)
     stop = threading.Event()
 
@@ -197,18 +198,29 @@ def prefetched(items: Iterator, depth: int = 2) -> Iterator:
 
     thread = threading.Thread(target=produce, name="raykd-prefetch", daemon=True)
     thread.start()
-    try:
-        while True:
-            item = q.get()
-            if item is _END:
-                return
-            if isinstance(item, _Raised):
-                raise item.error
-            yield item
-    finally:
+
+    def stop_thread() -> None:
         stop.set()
+        if threading.current_thread() is thread:  # a finalizer run by the garbage collector there
+            return
         while thread.is_alive():  # unblock a producer waiting on a full queue
             try:
                 q.get(timeout=0.05)
             except queue.Empty:
                 pass
+
+    def consume() -> Iterator:
+        try:
+            while True:
+                item = q.get()
+                if item is _END:
+                    return
+                if isinstance(item, _Raised):
+                    raise item.error
+                yield item
+        finally:
+            stop_thread()
+
+    consumer = consume()
+    weakref.finalize(consumer, stop_thread)  # a generator never started skips its `finally`
+    return consumer

@@ -81,6 +81,7 @@ def test_table_batches_split_equal_shares_by_length():
 
 def test_prefetched_keeps_order_raises_producer_errors_and_stops_early():
     import threading
+    import time
 
     import pytest
 
@@ -112,3 +113,17 @@ def test_prefetched_keeps_order_raises_producer_errors_and_stops_early():
     it.close()  # a loop that breaks early: the producer thread must end, not block forever
     assert threading.active_count() == before
     assert len(produced) <= 3 + 2 + 2  # consumed + queue depth + the one in hand
+
+    # Made ahead of time (the next epoch's reader), it reads before its first `next`; dropped
+    # without ever being iterated, its thread still ends.
+    produced.clear()
+    ahead = prefetched(endless(), depth=2)
+    deadline = time.monotonic() + 5
+    while len(produced) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(produced) >= 2
+    del ahead
+    deadline = time.monotonic() + 5
+    while threading.active_count() > before and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert threading.active_count() == before

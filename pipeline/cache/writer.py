@@ -158,9 +158,10 @@ def sorted_by_length(frame, tokenizer_path: str, max_len: int) -> pa.Table:
     from transformers import AutoTokenizer
 
     from pipeline import data
+    from pipeline.batching import list_lengths
 
     table = data.tokenize_frame(frame, AutoTokenizer.from_pretrained(tokenizer_path), max_len)
-    return table.take(pa.array(np.argsort(_lengths(table), kind="stable")))
+    return table.take(pa.array(np.argsort(list_lengths(table.column("input_ids")), kind="stable")))
 
 
 def plan_job(frame, tokenizer_path: str, max_len: int, fields: dict, quantities: list[str], width: int,
@@ -251,10 +252,6 @@ def actor_cpus(concurrency: int) -> int:
 
     largest = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]), default=1)
     return max(1, min(int(ray.cluster_resources().get("CPU", 1)) // concurrency, int(largest)))
-
-
-def _lengths(table: pa.Table) -> np.ndarray:
-    return table.column("input_ids").combine_chunks().value_lengths().to_numpy()
 
 
 def _plain(v):
