@@ -8,6 +8,7 @@ Targets: cached/none >= 0.9x; cached/online >= 90% of the bound
 (teacher forward + student step) / student step, the bound measured here too.
 
   python -m benchmarks.bench_distill --teacher runs/sst2_default/teacher/sst2 [--rows 4000] [--repeat 3]
+      [--students 3x384,2x192]
 """
 from __future__ import annotations
 
@@ -67,7 +68,12 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3,
                     help="rounds of (cached, none, online) per student; ratios are taken within a round "
                          "and the median reported (this VM's speed drifts by 10-40%% over minutes)")
+    ap.add_argument("--students", default=",".join(STUDENTS),
+                    help=f"comma-separated, of {', '.join(STUDENTS)}")
     args = ap.parse_args()
+    unknown = set(args.students.split(",")) - set(STUDENTS)
+    if unknown:
+        ap.error(f"--students: unknown {sorted(unknown)}; choose from {', '.join(STUDENTS)}")
     teacher = Path(args.teacher).resolve()
     tmp = Path(tempfile.mkdtemp(prefix="bench_distill_"))
     common = [f"teacher.path={teacher}", f"cache.root={tmp}/cache", f"data.train_limit={args.rows}",
@@ -75,8 +81,8 @@ def main() -> None:
     stage = lambda losses: f"distill.stages=[{{name: s, losses: {losses}, optim: {{epochs: {args.epochs}}}}}]"  # noqa: E731
     init_ray(load(None, common).ray)
     results = {}
-    for name, student in STUDENTS.items():
-        rounds = []
+    for name in args.students.split(","):
+        student, rounds = STUDENTS[name], []
         for i in range(args.repeat):
             r = {}
             for mode, extra in (("cached", [stage(LOSSES)]), ("none", [stage("{hard: 1}")]),
