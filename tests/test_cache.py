@@ -435,17 +435,30 @@ def marker_files(root: Path) -> list[Path]:
 
 
 def live_processes(pattern: str) -> dict[int, str]:
-    """pid -> command line of the running (not zombie) processes whose command line matches."""
+    """pid -> command line of the running (not zombie) processes whose command line, or a file
+    they hold open, matches. Ray's actors retitle themselves (`ray::MapWorker(...)`) and start
+    their own sessions, but their stdout and stderr stay open in their Ray session's log folder."""
     out = {}
     for proc in Path("/proc").iterdir():
         try:
             cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
             state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            if state == "Z":
+                continue
+            fds = list((proc / "fd").iterdir())
         except (OSError, IndexError):
             continue
-        if state != "Z" and re.search(pattern, cmd):
+        if re.search(pattern, cmd) or any(re.search(pattern, open_file(fd)) for fd in fds):
             out[int(proc.name)] = cmd[:300]
     return out
+
+
+def open_file(fd: Path) -> str:
+    """What a /proc/PID/fd/N entry points at ('' if it has just closed)."""
+    try:
+        return os.readlink(fd)
+    except OSError:
+        return ""
 
 
 def test_killed_job_resumes_and_equals_a_clean_build(built, tiny_teacher, glue_dir, tmp_path):
@@ -468,8 +481,9 @@ def test_killed_job_resumes_and_equals_a_clean_build(built, tiny_teacher, glue_d
         if job.poll() is None:
             os.killpg(job.pid, signal.SIGKILL)
         job.wait(timeout=60)
-    # Ray's worker processes (the writing actors) are not all in the job's process group: kill
-    # the stragglers of its session too, so no shard lands after the markers are listed below
+    # Ray's worker processes (the writing actors) run in sessions of their own, out of the job's
+    # process group: kill the stragglers of its Ray session too, so no shard lands after the
+    # markers are listed below.
     session = rf"session_[\d_-]+_{job.pid}\b"
     deadline = time.monotonic() + 30
     while (stragglers := live_processes(session)) and time.monotonic() < deadline:
