@@ -440,6 +440,8 @@ def live_processes(pattern: str) -> dict[int, str]:
     their own sessions, but their stdout and stderr stay open in their Ray session's log folder."""
     out = {}
     for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():  # self, thread-self, sys, ...
+            continue
         try:
             cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
             state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
