@@ -463,10 +463,13 @@ def open_file(fd: Path) -> str:
         return ""
 
 
-def test_killed_job_resumes_and_equals_a_clean_build(built, tiny_teacher, glue_dir, tmp_path):
+def test_killed_job_resumes_and_equals_a_clean_build(built, tiny_teacher, glue_dir, tmp_path,
+                                                     monkeypatch):
     """SIGKILL the cache job (driver and the Ray it started) after its first shard: nothing is
     committed; the rerun computes only the rest and equals a clean build (`built`: the same
-    rows in the same teacher batches of 16, only cut into shards of 64)."""
+    rows in the same teacher batches of 16, only cut into shards of 64). The killed job
+    tokenizes its 200 rows in its driver, the rerun in a Ray task (as for a large split): both
+    cut the same shards."""
     clean_cfg, key = built
     root = tmp_path / "cache"
     args = cli_overrides(root, tiny_teacher, glue_dir, "data.train_limit=200", "data.dev_limit=16",
@@ -508,6 +511,7 @@ def test_killed_job_resumes_and_equals_a_clean_build(built, tiny_teacher, glue_d
     assert writer.done_markers(str(root), key, set_dir.name, 7, rows_per_shard=32) == {}  # other rows
 
     # the rerun: what `python -m jobs.cache` does per split, here on the session's Ray
+    monkeypatch.setattr(writer, "TOKENIZE_HERE_ROWS", 0)
     cfg = load(None, args)
     assert ensure_cache(cfg, [tiny_teacher], "sst2", "train", ["logits", "hidden_2"]) == key
     (st,) = store.committed_sets(str(root), key)

@@ -152,6 +152,9 @@ def shard_rows(root: str, key: str, wanted: int) -> int:
     return sets[0].manifest["rows_per_shard"] if sets else wanted
 
 
+TOKENIZE_HERE_ROWS = 10_000  # MRPC, RTE, CoLA, STS-B train and every dev split
+
+
 def sorted_by_length(frame, tokenizer_path: str, max_len: int) -> pa.Table:
     """The rows of `frame` tokenized and sorted by token count (stable: a rerun cuts the same
     shards). Run as a Ray task by `plan_job`, so that it overlaps the actors' start-up."""
@@ -170,7 +173,8 @@ def plan_job(frame, tokenizer_path: str, max_len: int, fields: dict, quantities:
     shards; shards an earlier (killed) run finished are marked done. The rows are tokenized
     by a Ray task (no CPU reserved: it runs beside whatever holds the CPUs) started here; the
     actors take its result after loading the teacher, so ~2 s of tokenizing a 67k-row split
-    no longer delays the first shard."""
+    no longer delays the first shard. A small split (at most TOKENIZE_HERE_ROWS rows) is
+    tokenized here instead: starting the task's process costs more than the work."""
     import ray
 
     key = ckey.cache_key(fields)
@@ -181,9 +185,12 @@ def plan_job(frame, tokenizer_path: str, max_len: int, fields: dict, quantities:
     columns = [c for q in quantities for c in columns_for(q, width, num_outputs, n_members, cache_cfg.dtype)]
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)  # has the files
-    table_ref = ray.remote(sorted_by_length).options(num_cpus=0, scheduling_strategy=here).remote(
-        frame, tokenizer_path, max_len)
+    if len(frame) <= TOKENIZE_HERE_ROWS:  # ~0.1 s here; a task's new process would import for ~4 s
+        table_ref = ray.put(sorted_by_length(frame, tokenizer_path, max_len))
+    else:
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)  # has the files
+        table_ref = ray.remote(sorted_by_length).options(num_cpus=0, scheduling_strategy=here).remote(
+            frame, tokenizer_path, max_len)
     rows_per_shard = shard_rows(cache_cfg.root, key, cache_cfg.rows_per_shard)
     n_shards = -(-len(frame) // rows_per_shard)
     job = ShardJob(key, sid, fields["task"], list(quantities), table_ref, len(frame), columns,
