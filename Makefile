@@ -16,7 +16,7 @@ demo: .venv/installed
 	$(PY) -m jobs.pipeline $(ARGS)
 
 test: .venv/installed
-	$(PY) -m pytest -q $(ARGS)
+	$(PY) -m pytest -q -n 2 --dist worksteal $(ARGS)
 
 clean:
 	rm -rf runs cache .pytest_cache

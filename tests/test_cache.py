@@ -1,8 +1,8 @@
 """The teacher-output cache end to end: real Ray (loopback), real Arrow/Parquet, real GLUE rows,
 a tiny random BERT teacher.
 
-The two-node test starts its own Ray cluster; it runs last and puts the session's local Ray
-back afterwards (see `two_node_cluster`).
+The two-node test starts its own Ray cluster and puts the session's local Ray back afterwards
+(see `two_node_cluster`).
 """
 from __future__ import annotations
 
@@ -549,7 +549,7 @@ def test_two_jobs_writing_one_key_end_with_one_valid_cache(built, ray_local, tin
     assert_same_cache(table, clean, ["logits", "probs", "hidden_2"], atol=2e-2)
 
 
-# ---------------------------------------------------------------- two nodes (keep last)
+# ---------------------------------------------------------------- two nodes
 
 
 def listening_addresses(pids: set[int]) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
@@ -574,12 +574,12 @@ def listening_addresses(pids: set[int]) -> list[ipaddress.IPv4Address | ipaddres
 
 
 @pytest.fixture
-def two_node_cluster(request):
+def two_node_cluster():
     """A head and a worker node (1 CPU each) on 127.0.0.1, with this process as the driver.
 
-    The session's local Ray (`ray_local`) is shut down first. Afterwards Ray is left shut down,
-    unless a later test of this session uses `ray_local`: that fixture is session-scoped and
-    would not start Ray again, so it is restarted here for them.
+    The session's local Ray (`ray_local`), if this process started it, is shut down first and
+    restarted afterwards: that fixture is session-scoped and would not start Ray again for the
+    tests after this one (whichever they are: pytest-xdist hands tests to workers in any order).
     """
     import ray
     from ray.cluster_utils import Cluster
@@ -587,6 +587,7 @@ def two_node_cluster(request):
     from pipeline.config import RayConfig
     from pipeline.ray_runtime import init_ray
 
+    local_was_up = ray.is_initialized()
     ray.shutdown()
     loopback = {"node_ip_address": "127.0.0.1", "num_cpus": 1}
     cluster = Cluster(initialize_head=True, head_node_args={**loopback, "include_dashboard": False})
@@ -597,8 +598,7 @@ def two_node_cluster(request):
     finally:
         ray.shutdown()
         cluster.shutdown()
-        later = request.session.items[request.session.items.index(request.node) + 1:]
-        if any("ray_local" in item.fixturenames for item in later):
+        if local_was_up:
             init_ray(RayConfig(num_cpus=2))
 
 
