@@ -230,9 +230,10 @@ def s3_cache_job(cluster, s3, tiny_teacher, glue_dir, tmp_path_factory):
         runtime_env=runtime_env)
     listening, placed, deadline = [], set(), time.monotonic() + 480
     while str(client.get_job_status(job_id).value) not in TERMINAL and time.monotonic() < deadline:
-        placed |= actor_nodes(cluster, job_id, ("ALIVE",))  # where teacher actors run
-        if not listening and " shard 1/" in client.get_job_logs(job_id):
-            listening = local.listeners(cluster)  # while the driver and actors are up
+        alive = actor_nodes(cluster, job_id, ("ALIVE",))  # where teacher actors run
+        placed |= alive
+        if alive:  # the driver and the teacher actors are up: every socket they listen on
+            listening += [s for s in local.listeners(cluster) if s not in listening]
         time.sleep(0.5)
     status = wait_for(client, job_id)
     return SimpleNamespace(job_id=job_id, status=status, logs=client.get_job_logs(job_id), root=root,
