@@ -157,7 +157,8 @@ TOKENIZE_HERE_ROWS = 10_000  # MRPC, RTE, CoLA, STS-B train and every dev split
 
 def sorted_by_length(frame, tokenizer_path: str, max_len: int) -> pa.Table:
     """The rows of `frame` tokenized and sorted by token count (stable: a rerun cuts the same
-    shards). Run as a Ray task by `plan_job`, so that it overlaps the actors' start-up."""
+    shards). `plan_job` runs it in the driver for a small split, else as a Ray task that
+    overlaps the actors' start-up."""
     from transformers import AutoTokenizer
 
     from pipeline import data
@@ -183,11 +184,11 @@ def plan_job(frame, tokenizer_path: str, max_len: int, fields: dict, quantities:
     if not store.exists(fs, store.join(base, key, store.KEY_FILE)):
         store.write_json(fs, store.join(base, key, store.KEY_FILE), fields)
     columns = [c for q in quantities for c in columns_for(q, width, num_outputs, n_members, cache_cfg.dtype)]
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
     if len(frame) <= TOKENIZE_HERE_ROWS:  # ~0.1 s here; a task's new process would import for ~4 s
         table_ref = ray.put(sorted_by_length(frame, tokenizer_path, max_len))
     else:
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)  # has the files
         table_ref = ray.remote(sorted_by_length).options(num_cpus=0, scheduling_strategy=here).remote(
             frame, tokenizer_path, max_len)
