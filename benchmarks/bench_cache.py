@@ -14,11 +14,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import torch
 
 from pipeline import data, models
@@ -28,6 +31,7 @@ from pipeline.cache.build import ensure_cache, run_fields
 from pipeline.cache.compute import teacher_columns
 from pipeline.cache.reader import collate_teacher, columns_of, plan_sets
 from pipeline.cache.schema import columns_for
+from pipeline.cache.writer import parquet_options
 from pipeline.config import load
 from pipeline.encoder import EncoderClassifier
 from pipeline.ray_runtime import init_ray
@@ -45,15 +49,22 @@ def bf16_peak_gflops(n: int = 2048, reps: int = 10) -> float:
     return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e9
 
 
-def plain_teacher_loop(teacher: Path, table, quantities, cfg) -> float:
+def plain_teacher_loop(teacher: Path, table, quantities, cfg, write_to: str = "") -> float:
+    """Examples/s of the teacher over the length-sorted shards in one process; with `write_to`,
+    each shard's columns are also written there as Parquet (what a hand-written loop would
+    store), else they are dropped (the compute-only bound)."""
     model = EncoderClassifier.load(teacher).eval()
     cols = [c for q in quantities for c in columns_for(q, model.config.hidden_size, 2, 1, "float16")]
     order = np.argsort(list_lengths(table.column("input_ids")), kind="stable")
     sorted_table = table.take(order)
     t0 = time.perf_counter()
     for start in range(0, len(sorted_table), cfg.cache.rows_per_shard):
-        teacher_columns([model], sorted_table.slice(start, cfg.cache.rows_per_shard), "sst2", cols,
-                        cfg.cache.batch_size, torch.device("cpu"), True)
+        out = teacher_columns([model], sorted_table.slice(start, cfg.cache.rows_per_shard), "sst2", cols,
+                              cfg.cache.batch_size, torch.device("cpu"), True)
+        if write_to:
+            pq.write_table(out, f"{write_to}/shard-{start:08d}.parquet", **parquet_options(out))
+    if write_to:
+        shutil.rmtree(write_to)
     return len(table) / (time.perf_counter() - t0)
 
 
@@ -80,9 +91,13 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=2, help="plain loop / cache job pairs, run in turn")
     ap.add_argument("--student-ex-s", type=float, default=0.0,
                     help="student training examples/s to compare reading against (0 = measure)")
+    ap.add_argument("--root", default="", help="parent folder of the benchmark's cache (default: the "
+                    "system's temporary folder; /dev/shm leaves the disk's write cost out)")
+    ap.add_argument("--with-writes", action="store_true",
+                    help="also time a plain loop that writes its shards as Parquet to the same disk")
     args = ap.parse_args()
     teacher = Path(args.teacher)
-    root = tempfile.mkdtemp(prefix="bench_cache_")
+    root = tempfile.mkdtemp(prefix="bench_cache_", dir=args.root or None)
     cfg = load(None, [f"cache.root={root}", f"teacher.path={teacher}", f"data.train_limit={args.rows}"])
     init_ray(cfg.ray)
     fields, frame = run_fields(cfg, [teacher], "sst2", "train")
@@ -94,14 +109,20 @@ def main() -> None:
     peak = bf16_peak_gflops()
     rounds = []  # this shared 2-core VM varies ~10% run to run: pairs, side by side
     for r in range(args.repeat):
-        plain = plain_teacher_loop(teacher, table, MLKD3, cfg)
+        plain, writes = plain_teacher_loop(teacher, table, MLKD3, cfg), 0.0
+        if args.with_writes:
+            os.makedirs(f"{root}_plain")
+            writes = plain_teacher_loop(teacher, table, MLKD3, cfg, write_to=f"{root}_plain")
+            print(f"round {r + 1}: plain loop writing Parquet shards {writes:.1f} ex/s ({writes / plain:.3f}x of "
+                  "the compute-only loop)", flush=True)
         t0 = time.perf_counter()
         key = ensure_cache(cfg, [teacher], "sst2", "train", MLKD3)
         job = len(table) / (time.perf_counter() - t0)
         steady = len(table) / shard_span(root, key, MLKD3)
         rounds.append((plain, job, steady))
         print(f"round {r + 1}: plain {plain:.1f} ex/s, job {job:.1f} ex/s end to end ({job / plain:.3f}x), "
-              f"{steady:.1f} ex/s from first shard start to last shard end ({steady / plain:.3f}x)", flush=True)
+              f"{steady:.1f} ex/s from first shard start to last shard end ({steady / plain:.3f}x)"
+              + (f"; job / plain loop writing Parquet {job / writes:.3f}x" if writes else ""), flush=True)
         if r + 1 < args.repeat:
             store.delete(root, key)
     plain, job, steady = (float(np.median([x[i] for x in rounds])) for i in range(3))

@@ -47,8 +47,15 @@ def teacher_columns(members: list[EncoderClassifier], table: pa.Table, task: str
     names = {c.name for c in columns}
     quantities = [n for n in names if n not in ("logits", "probs", "member_logits", "cls")]
     cap = capture_for(sorted({quantity_of(n) for n in quantities}))
-    parts: dict[str, list] = {c.name: [] for c in columns}
+    lengths = table.column("input_ids").combine_chunks().value_lengths().to_numpy()
+    n_real = int(lengths.sum())
+    # token tensors land in one preallocated array per column, converted on the way in (no
+    # per-batch pieces to concatenate, no fp32 detour): a third of the job's non-teacher time
+    flat = {c.name: np.empty((n_real, c.dim), np.float16) for c in columns
+            if c.kind == "token" and c.dtype == "float16"}
+    parts: dict[str, list] = {c.name: [] for c in columns if c.name not in flat}
     scales: dict[str, list] = {c.name: [] for c in columns if c.dtype == "int8"}
+    done = 0  # real tokens written so far
     for start in range(0, len(table), batch_size):
         b = collate_inputs(table.slice(start, batch_size))
         mask = b["attention_mask"].bool()
@@ -62,21 +69,21 @@ def teacher_columns(members: list[EncoderClassifier], table: pa.Table, task: str
                    "member_logits": stacked.permute(1, 0, 2).reshape(stacked.shape[1], -1),
                    "cls": feats.cls.float()}
         tokens = feats.token_tensors()
+        mask = mask.to(device)
+        n = int(mask.sum())
         for c in columns:
             if c.kind == "vector":
                 parts[c.name].append(vectors[c.name].cpu().numpy().astype(c.dtype))
-                continue
-            real = tokens[c.name].float()[mask.to(device)].cpu()  # [n_real, d]
-            if c.dtype == "int8":
-                q, s = quantize_int8(real)
+            elif c.name in flat:  # [n_real, d] of this batch, straight into its rows of the column
+                torch.from_numpy(flat[c.name][done:done + n]).copy_(tokens[c.name][mask])
+            else:  # int8 tokens
+                q, s = quantize_int8(tokens[c.name][mask].float().cpu())
                 parts[c.name].append(q)
                 scales[c.name].append(s)
-            else:
-                parts[c.name].append(real.numpy().astype(np.float16))
-    lengths = table.column("input_ids").combine_chunks().value_lengths().to_numpy()
+        done += n
     out = {name: table.column(name) for name in INPUT_COLUMNS}
     for c in columns:
-        values = np.concatenate(parts[c.name])
+        values = flat[c.name] if c.name in flat else np.concatenate(parts[c.name])
         if c.kind == "vector":
             out[c.name] = _list_array(values.reshape(-1), np.full(len(table), c.dim))
         else:
