@@ -4,7 +4,6 @@ into padded `t_*` tensors.
 """
 from __future__ import annotations
 
-import io
 
 import numpy as np
 import pyarrow as pa
@@ -76,10 +75,10 @@ def read_shard(root: str, key: str, st: ShardSet, index: int, columns: list[str]
            f"then `--delete {key}` and rebuild")
     if not store.exists(fs, path):
         raise CacheError(f"{path}: shard missing; {fix}")
-    data = store.read_bytes(fs, path)
+    data = store.read_buffer(fs, path)
     if not store.checksum_matches(data, info):
         raise CacheError(f"{path}: checksum mismatch (corrupt shard); {fix}")
-    return pq.read_table(io.BytesIO(data), columns=columns)
+    return pq.read_table(pa.BufferReader(data), columns=columns)  # columns may point into `data`
 
 
 def load_shard(root: str, key: str, plan: list[tuple[ShardSet, list[str]]], index: int) -> pa.Table:

