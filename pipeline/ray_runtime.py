@@ -31,7 +31,10 @@ def init_ray(cfg: RayConfig, address: str = "") -> str:
         # A local machine is not preempted: skip the watcher actor (one more process, ~1 s of
         # start-up, per training run). Cluster runs keep it.
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-        ray.init(num_cpus=cfg.num_cpus or None, include_dashboard=False,
+        # address="local": always a Ray of our own. With no address, ray.init joins the latest
+        # cluster started on this machine by `ray start` (/tmp/ray/ray_current_cluster) if one
+        # is up: a job run beside a test's cluster joined it and failed on num_cpus.
+        ray.init(address="local", num_cpus=cfg.num_cpus or None, include_dashboard=False,
                  _node_ip_address="127.0.0.1", logging_level=logging.WARNING,
                  runtime_env={"worker_process_setup_hook": _quiet_worker_logs_hook()})
     _quiet_ray_data()
