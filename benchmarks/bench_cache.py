@@ -57,6 +57,8 @@ def plain_teacher_loop(teacher: Path, table, quantities, cfg, write_to: str = ""
     cols = [c for q in quantities for c in columns_for(q, model.config.hidden_size, 2, 1, "float16")]
     order = np.argsort(list_lengths(table.column("input_ids")), kind="stable")
     sorted_table = table.take(order)
+    if write_to:
+        os.makedirs(write_to)
     t0 = time.perf_counter()
     for start in range(0, len(sorted_table), cfg.cache.rows_per_shard):
         out = teacher_columns([model], sorted_table.slice(start, cfg.cache.rows_per_shard), "sst2", cols,
@@ -111,7 +113,6 @@ def main() -> None:
     for r in range(args.repeat):
         plain, writes = plain_teacher_loop(teacher, table, MLKD3, cfg), 0.0
         if args.with_writes:
-            os.makedirs(f"{root}_plain")
             writes = plain_teacher_loop(teacher, table, MLKD3, cfg, write_to=f"{root}_plain")
             print(f"round {r + 1}: plain loop writing Parquet shards {writes:.1f} ex/s ({writes / plain:.3f}x of "
                   "the compute-only loop)", flush=True)
