@@ -22,7 +22,7 @@ from pipeline import data, evaluate, models
 from pipeline.batching import collate_inputs, task_schedule
 from pipeline.cache import store
 from pipeline.config import Config, StageConfig, from_dict
-from pipeline.ray_runtime import torch_config
+from pipeline import ray_runtime
 from pipeline.objective import build_projections, compute_loss, make_plan, teacher_batch
 from pipeline.train_data import eval_batches, num_batches, prefetched, worker_batches
 
@@ -343,7 +343,6 @@ def fit(cfg: Config, stage: StageConfig, model_spec: dict, tasks: dict[str, dict
     callbacks: Ray Train callbacks, e.g. one forwarding each report to Ray Tune (sweeps).
     """
     import ray.train
-    from ray.train.torch import TorchTrainer
 
     out_dir = Path(out_dir).resolve()
     storage = train_storage(cfg, out_dir)
@@ -355,8 +354,8 @@ def fit(cfg: Config, stage: StageConfig, model_spec: dict, tasks: dict[str, dict
            "cache_columns": cache_columns, "online_teacher": online_teacher,
            "seed": cfg.run.seed if seed is None else seed, "storage": storage,
            "test_crash_at_step": int(os.environ.get(CRASH_ENV, 0)) or None}
-    trainer = TorchTrainer(
-        train_worker, train_loop_config=ctx, torch_config=torch_config(),
+    trainer = ray_runtime.trainer(
+        train_worker, ctx,
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
             placement_strategy=cfg.ray.placement_strategy,

@@ -13,7 +13,6 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import stats
 
 from pipeline.errors import ConfigError, DataError
 
@@ -337,10 +336,15 @@ def _is_degenerate(x: np.ndarray, y: np.ndarray) -> bool:
 
 
 def _pearson(preds: np.ndarray, gold: np.ndarray) -> float:
-    """Pearson r; 0 for constant inputs, where r is undefined."""
+    """Pearson r; 0 for constant inputs, where r is undefined. (scipy.stats is imported here,
+    not with the module: it takes ~0.8 s, and every Ray worker that reads data imports this.)"""
+    from scipy import stats
+
     return 0.0 if _is_degenerate(preds, gold) else float(stats.pearsonr(preds, gold)[0])
 
 
 def _spearman(preds: np.ndarray, gold: np.ndarray) -> float:
     """Spearman rho; 0 for constant inputs, where rho is undefined."""
+    from scipy import stats
+
     return 0.0 if _is_degenerate(preds, gold) else float(stats.spearmanr(preds, gold)[0])

@@ -450,8 +450,14 @@ def test_online_mode_runs_every_loss_with_the_teacher_in_the_loop(tiny_teacher, 
     cfg = tiny_cfg(tmp_path, tiny_teacher, "distill.online=true", "student.init=random", stages_yaml(
         {"name": "online", "losses": ALL_LOSSES, "relation_heads": 4,
          "optim": {"epochs": 1, "batch_size": 16, "lr": 1e-3}}))
+    before = set(ray_local._private.state.actors())
     final = distill_student(cfg, {"sst2": [tiny_teacher]})
     assert not (tmp_path / "cache").exists()  # nothing cached: the teacher ran in the loop
+    # The run's own Ray Train actors: no dataset manager (no Ray Dataset is passed) and, on this
+    # Ray without a dashboard, no placement-group cleaner (it polls the dashboard's state API).
+    started = {a["ActorClassName"] for i, a in ray_local._private.state.actors().items() if i not in before}
+    assert {"TrainController", "RayTrainWorker"} <= started, started
+    assert not started & {"DatasetManager", "PlacementGroupCleaner"}, started
     metrics = json.loads((final / "metrics.json").read_text())
     assert metrics["step"] == 4
     assert sorted(k[5:] for k in metrics if k.startswith("loss/")) == sorted(ALL_LOSSES)
