@@ -17,6 +17,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoConfig, AutoModel, BertConfig, BertForSequenceClassification
 
+from pipeline.dropout import Dropout, use_fast_dropout
+
 HEADS_FILE = "heads.safetensors"
 META_FILE = "raykd.json"
 # What the task heads read: "cls" = BERT's pooler over [CLS] (what BertForSequenceClassification
@@ -66,11 +68,11 @@ class EncoderClassifier(nn.Module):
         if pooling == "mean" and getattr(encoder, "pooler", None) is not None:
             raise ValueError("mean pooling leaves the encoder's pooler unused (DDP rejects unused "
                              "parameters); build the encoder with add_pooling_layer=False")
-        self.encoder = encoder
+        self.encoder = use_fast_dropout(encoder)
         self.pooling = pooling
         self.tasks = dict(tasks)
         width = encoder.config.hidden_size
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.heads = nn.ModuleDict({t: nn.Linear(width, n) for t, n in self.tasks.items()})
         for head in self.heads.values():
             nn.init.normal_(head.weight, std=0.02)

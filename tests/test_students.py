@@ -288,3 +288,36 @@ def test_mean_pooled_teacher_from_a_sentence_transformers_folder(teacher4, tmp_p
     meta["pooling"] = "cls"  # the same files read as [CLS]-pooled are another teacher
     (tmp_path / "mean/raykd.json").write_text(json.dumps(meta))
     assert fingerprint(tmp_path / "mean") != meta["fingerprint"]
+
+
+def test_fast_dropout_keeps_torch_semantics():
+    """The CPU dropout drops ~p of the elements, scales the rest by 1/(1-p), passes gradients
+    only through kept elements, is the identity in eval mode, and replaces every nn.Dropout of
+    an encoder without changing its state dict."""
+    import torch
+    from torch import nn
+
+    from pipeline.dropout import Dropout, keep_mask, use_fast_dropout
+
+    torch.manual_seed(0)
+    assert abs(float(keep_mask((1000, 1000), 0.1).float().mean()) - 0.9) < 2e-3
+    assert abs(float(keep_mask((999, 7), 0.5).float().mean()) - 0.5) < 2e-2  # n not a multiple of 4
+    x = torch.randn(8, 5, 16, requires_grad=True)
+    drop = Dropout(0.25).train()
+    y = drop(x)
+    kept = y != 0
+    torch.testing.assert_close(y[kept], x[kept] / 0.75)
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, kept.float() / 0.75)
+    assert drop.eval()(x) is x
+    torch.manual_seed(1)
+    a = Dropout(0.1).train()(x)
+    torch.manual_seed(1)
+    torch.testing.assert_close(Dropout(0.1).train()(x), a)  # seeded like any torch draw
+
+    model = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.3), nn.Sequential(nn.Dropout(0.2)))
+    before = model.state_dict()
+    use_fast_dropout(model)
+    assert [type(m) for m in model.modules() if isinstance(m, nn.Dropout)] == [Dropout, Dropout]
+    assert [m.p for m in model.modules() if isinstance(m, nn.Dropout)] == [0.3, 0.2]
+    assert model.state_dict().keys() == before.keys()
