@@ -85,5 +85,6 @@ def main() -> None:
         print(f"{'+'.join(losses):45s} {rate:7.0f} ex/s; ms per batch: forward {fwd:5.1f}, losses {loss:4.1f}, "
               f"backward + step {bwd:5.1f} = {total:5.1f} ({total - base:+.1f} vs kd)")
 
+
 if __name__ == "__main__":
     main()

@@ -48,15 +48,14 @@ def init_ray(cfg: RayConfig, address: str = "") -> str:
 
 def _worker_setup_hook():
     """A setup hook for every worker process of a local Ray (started without the dashboard): it
-    marks the process as one of this Ray's (NO_DASHBOARD_ENV: see `trainer`) and points it at its
-    own Ray (with two local Rays on one machine, an address-less lookup failed to pick one:
-    "multiple active Ray instances"). Should Ray Train's placement-group cleaner run here anyway,
-    its warning on every poll of the absent state API is silenced. Defined inside a function so
-    that Ray ships it by value (workers need not import this package to run it)."""
+    marks the process as one of this Ray's (NO_DASHBOARD_ENV: see `trainer`, which therefore
+    starts no placement-group cleaner here) and points it at its own Ray (with two local Rays on
+    one machine, an address-less lookup failed to pick one: "multiple active Ray instances").
+    Defined inside a function so that Ray ships it by value (workers need not import this
+    package to run it)."""
     env = NO_DASHBOARD_ENV
 
     def setup() -> None:
-        import logging as log
         import os
 
         import ray
@@ -64,8 +63,6 @@ def _worker_setup_hook():
         address = ray.get_runtime_context().gcs_address
         os.environ.setdefault("RAY_ADDRESS", address)
         os.environ[env] = address
-        log.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(
-            log.ERROR)
     return setup
 
 
