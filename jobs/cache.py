@@ -10,6 +10,7 @@ from pipeline.cache import store
 from pipeline.cache.build import ensure_caches, request
 from pipeline.cache.schema import quantities_of
 from pipeline.errors import ConfigError
+from pipeline.data import check_available
 from pipeline.ray_runtime import init_ray
 from pipeline.teacher import run_dir, train_teachers
 
@@ -53,6 +54,7 @@ def run(cfg, args) -> None:
     if not quantities:
         raise ConfigError("cache.*: nothing to cache; set cache.logits=true or hidden_layers etc.")
     save_resolved(cfg, run_dir(cfg))
+    check_available(cfg.data)
     init_ray(cfg.ray, args.address)
     requests = [request(folders, task, split, quantities if split == "train" else ["logits"])
                 for group, folders in train_teachers(cfg).items()

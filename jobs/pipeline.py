@@ -25,6 +25,7 @@ def run(cfg, args) -> None:
 
 def _steps(cfg, args, out, clock: RunClock) -> None:
     check_stages(cfg, AutoConfig.from_pretrained(cfg.teacher.path or base_model_path(cfg)))
+    data.check_available(cfg.data)  # before Ray: a missing file fails in seconds
     init_ray(cfg.ray, args.address)
     print(f"[raykd] 1/4 teacher(s) for {list(cfg.data.tasks)}", flush=True)
     if cfg.teacher.ensemble_size == 1 and any("soft_ce" in s.losses for s in cfg.distill.stages):

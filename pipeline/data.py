@@ -46,6 +46,36 @@ def resolve_glue_dir(cfg: DataConfig) -> Path | None:
     return None
 
 
+def check_available(cfg: DataConfig) -> None:
+    """Every file the run will read exists (GLUE splits, declared task files, unlabeled text),
+    or the Hub is reachable for what none of them serve: a DataError naming the path or the
+    config key now, before Ray starts, instead of at the first read."""
+    hub_tasks = []
+    for name in cfg.tasks:
+        decl = next((d for d in cfg.custom_tasks if d.name == name), None)
+        if decl is not None:
+            for split, path in (("train", decl.train_path), ("dev", decl.dev_path)):
+                if not path:
+                    raise DataError(f"task {name}: no {split}_path in data.custom_tasks")
+                if "://" not in path and not Path(path).is_file():
+                    raise DataError(f"task {name}: data.custom_tasks {split}_path {path} does not exist")
+            continue
+        glue_dir = resolve_glue_dir(cfg) if cfg.source in ("auto", "glue") else None
+        if glue_dir is not None:
+            for split in ("train", "dev"):
+                glue.glue_split_path(glue_dir, task_of(cfg, name).name, split)
+        elif cfg.source == "glue":
+            raise DataError("no GLUE folder found: set GLUE_DIR or data.glue_dir to the folder "
+                            "holding sst2/, mrpc/, ...")
+        else:
+            hub_tasks.append(name)
+    if cfg.unlabeled_path and "://" not in cfg.unlabeled_path and not Path(cfg.unlabeled_path).is_file():
+        raise DataError(f"data.unlabeled_path={cfg.unlabeled_path} does not exist")
+    if hub_tasks and not _hub_reachable():
+        raise DataError(f"cannot load {cfg.hf_name} {hub_tasks} from the Hugging Face Hub (offline?). "
+                        "Point GLUE_DIR or data.glue_dir at a GLUE TSV folder instead.")
+
+
 def load_frame(cfg: DataConfig, task_name: str, split: str) -> pd.DataFrame:
     """Rows of one task split: example_id, text_a, text_b, label."""
     if split not in SPLITS:

@@ -401,6 +401,7 @@ def run_sweep(cfg: Config, *, build_cache: bool = True, address: str = "",
     scheduler = make_scheduler(cfg, valid)
     quantities = cache_quantities(valid + [cfg], t_cfg.num_hidden_layers)
 
+    data.check_available(cfg.data)
     address = init_ray(cfg.ray, address)
     import ray
     from ray.util.placement_group import placement_group_table

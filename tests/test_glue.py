@@ -227,3 +227,24 @@ def test_read_file_split_errors_name_lines(tmp_path):
         read_file_split(tmp_path / "r.xlsx", REVIEWS)
     with pytest.raises(DataError, match="not found"):
         read_file_split(tmp_path / "none.csv", REVIEWS)
+
+
+def test_check_available_names_what_is_missing_before_any_work(tmp_path):
+    """Every file a run reads is checked up front (jobs call this before Ray starts)."""
+    from pipeline.config import load
+    from pipeline.data import check_available
+
+    (tmp_path / "sst2").mkdir()
+    for split in ("train", "dev"):
+        (tmp_path / "sst2" / f"{split}.tsv").write_text("sentence\tlabel\nfine\t1\n")
+    check_available(load(None, [f"data.glue_dir={tmp_path}"]).data)  # all there: no error
+    with pytest.raises(DataError, match=r"mrpc/train.tsv.*task folders.*\['sst2'\]"):
+        check_available(load(None, [f"data.glue_dir={tmp_path}", "data.tasks=[sst2,mrpc]"]).data)
+    with pytest.raises(DataError, match="is not a folder"):
+        check_available(load(None, [f"data.glue_dir={tmp_path}/none"]).data)
+    with pytest.raises(DataError, match="unlabeled_path=.*nope.txt does not exist"):
+        check_available(load(None, [f"data.glue_dir={tmp_path}", f"data.unlabeled_path={tmp_path}/nope.txt"]).data)
+    mine = ("data.custom_tasks=[{name: mine, text_columns: [text], labels: [a, b], "
+            f"train_path: {tmp_path}/sst2/train.tsv, dev_path: {tmp_path}/missing.csv}}]")
+    with pytest.raises(DataError, match="task mine: data.custom_tasks dev_path .*missing.csv does not exist"):
+        check_available(load(None, [f"data.glue_dir={tmp_path}", "data.tasks=[mine]", mine]).data)
