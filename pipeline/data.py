@@ -46,34 +46,43 @@ def resolve_glue_dir(cfg: DataConfig) -> Path | None:
     return None
 
 
+def _split_location(cfg: DataConfig, task_name: str, split: str):
+    """Where one task split is read from: ("file", path, its TaskDecl) for a task declared in
+    data.custom_tasks, ("glue", GLUE folder, None), or ("hub", None, None). DataError for a
+    declared task without this split's path, or source=glue with no GLUE folder."""
+    decl = next((d for d in cfg.custom_tasks if d.name == task_name), None)
+    if decl is not None:
+        path = decl.train_path if split == "train" else decl.dev_path
+        if not path:
+            raise DataError(f"task {task_name}: no {split}_path in data.custom_tasks")
+        return "file", path, decl
+    glue_dir = resolve_glue_dir(cfg) if cfg.source in ("auto", "glue") else None
+    if glue_dir is not None:
+        return "glue", glue_dir, None
+    if cfg.source == "glue":
+        raise DataError("no GLUE folder found: set GLUE_DIR or data.glue_dir to the folder "
+                        "holding sst2/, mrpc/, ...")
+    return "hub", None, None
+
+
 def check_available(cfg: DataConfig) -> None:
     """Every file the run will read exists (GLUE splits, declared task files, unlabeled text),
     or the Hub is reachable for what none of them serve: a DataError naming the path or the
     config key now, before Ray starts, instead of at the first read."""
     hub_tasks = []
     for name in cfg.tasks:
-        decl = next((d for d in cfg.custom_tasks if d.name == name), None)
-        if decl is not None:
-            for split, path in (("train", decl.train_path), ("dev", decl.dev_path)):
-                if not path:
-                    raise DataError(f"task {name}: no {split}_path in data.custom_tasks")
-                if "://" not in path and not Path(path).is_file():
-                    raise DataError(f"task {name}: data.custom_tasks {split}_path {path} does not exist")
-            continue
-        glue_dir = resolve_glue_dir(cfg) if cfg.source in ("auto", "glue") else None
-        if glue_dir is not None:
-            for split in ("train", "dev"):
-                glue.glue_split_path(glue_dir, task_of(cfg, name).name, split)
-        elif cfg.source == "glue":
-            raise DataError("no GLUE folder found: set GLUE_DIR or data.glue_dir to the folder "
-                            "holding sst2/, mrpc/, ...")
-        else:
-            hub_tasks.append(name)
+        for split in ("train", "dev"):
+            kind, where, _ = _split_location(cfg, name, split)
+            if kind == "file" and "://" not in where and not Path(where).is_file():
+                raise DataError(f"task {name}: data.custom_tasks {split}_path {where} does not exist")
+            if kind == "glue":
+                glue.glue_split_path(where, task_of(cfg, name).name, split)
+            if kind == "hub" and name not in hub_tasks:
+                hub_tasks.append(name)
     if cfg.unlabeled_path and "://" not in cfg.unlabeled_path and not Path(cfg.unlabeled_path).is_file():
         raise DataError(f"data.unlabeled_path={cfg.unlabeled_path} does not exist")
-    if hub_tasks and not _hub_reachable():
-        raise DataError(f"cannot load {cfg.hf_name} {hub_tasks} from the Hugging Face Hub (offline?). "
-                        "Point GLUE_DIR or data.glue_dir at a GLUE TSV folder instead.")
+    if hub_tasks:
+        _require_hub(f"{cfg.hf_name} {hub_tasks}")
 
 
 def load_frame(cfg: DataConfig, task_name: str, split: str) -> pd.DataFrame:
@@ -86,19 +95,18 @@ def load_frame(cfg: DataConfig, task_name: str, split: str) -> pd.DataFrame:
         return load_unlabeled(cfg)
     task = task_of(cfg, task_name)
     limit = cfg.train_limit if split == "train" else cfg.dev_limit
-    decl = next((d for d in cfg.custom_tasks if d.name == task_name), None)
-    if decl is not None:
-        path = decl.train_path if split == "train" else decl.dev_path
-        if not path:
-            raise DataError(f"task {task_name}: no {split}_path in data.custom_tasks")
-        return glue.read_file_split(path, task, decl.column_map, limit)
-    glue_dir = resolve_glue_dir(cfg) if cfg.source in ("auto", "glue") else None
-    if glue_dir is not None:
-        return glue.read_glue_split(str(glue_dir), task, split, limit)
-    if cfg.source == "glue":
-        raise DataError("no GLUE folder found: set GLUE_DIR or data.glue_dir to the folder "
-                        "holding sst2/, mrpc/, ...")
+    kind, where, decl = _split_location(cfg, task_name, split)
+    if kind == "file":
+        return glue.read_file_split(where, task, decl.column_map, limit)
+    if kind == "glue":
+        return glue.read_glue_split(str(where), task, split, limit)
     return _hf_frame(cfg.hf_name, task, split, limit)
+
+
+def _require_hub(what: str) -> None:
+    if not _hub_reachable():
+        raise DataError(f"cannot load {what} from the Hugging Face Hub (offline?). "
+                        "Point GLUE_DIR or data.glue_dir at a GLUE TSV folder instead.")
 
 
 def _hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
@@ -112,9 +120,7 @@ def _hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
 
 
 def _hf_frame(name: str, task: Task, split: str, limit: int) -> pd.DataFrame:
-    if not _hub_reachable():
-        raise DataError(f"cannot load {name}/{task.name} from the Hugging Face Hub (offline?). "
-                        "Point GLUE_DIR or data.glue_dir at a GLUE TSV folder instead.")
+    _require_hub(f"{name}/{task.name}")
     import datasets  # heavy import, only on this path
 
     hf_split = {"train": "train", "dev": "validation"}[split]
