@@ -1,4 +1,5 @@
-"""The one training loop (per Ray Train worker) and `fit`, which runs it on a TorchTrainer.
+"""The one training loop (per Ray Train worker) and `fit_all`, which runs it on a TorchTrainer
+for a list of runs: a recipe's stages, or a job's teachers, one after another.
 
 Teacher fine-tuning, cached distillation, online distillation and the no-teacher baseline are
 all this loop: they differ only in the stage's losses and where `t_*` batch keys come from.
@@ -54,41 +55,58 @@ class Trainee(nn.Module):
 
 
 def train_worker(ctx: dict[str, Any]) -> None:
-    """Ray Train entry: ctx holds plain data (config dict, stage, model spec, task info)."""
+    """Ray Train entry: train ctx["runs"] in order in this one worker group (a recipe's stages,
+    or a job's teachers: no new Ray Train run, hence no new processes, per stage). A run whose
+    output folder exists is skipped, so a worker group that Ray Train restarts after a failure
+    (FailureConfig) goes on with the run it was in, from that run's latest checkpoint."""
     import ray.train
     import ray.train.torch as rtt
 
     cfg: Config = from_dict(Config, ctx["config"])
-    stage: StageConfig = from_dict(StageConfig, ctx["stage"])
-    tasks: dict[str, dict] = ctx["tasks"]  # name -> {"kind", "num_outputs", "metric"}
-    world, rank = ray.train.get_context().get_world_size(), ray.train.get_context().get_world_rank()
-    torch.manual_seed(ctx["seed"])
     device = rtt.get_device()
     if device.type == "cpu":  # Ray pins fractional-CPU workers to 1 thread; use the node's cores
         torch.set_num_threads(cfg.ray.threads_per_worker or max(
             1, (os.cpu_count() or 1) // ray.train.get_context().get_local_world_size()))
+    ckpt = ray.train.get_checkpoint()
+    for run in ctx["runs"]:
+        if finished(run["out_dir"]):
+            continue
+        if not train_run(ctx, cfg, run, ckpt, device):
+            return  # a non-finite loss: fit_all raises it
+        ckpt = None  # only the first unfinished run can be the checkpoint's
 
-    model = models.build(ctx["model"], ctx["heads"])
-    teacher = models.build(ctx["online_teacher"], {}) if ctx.get("online_teacher") else None
-    plan = make_plan(stage, models.num_layers(model), ctx["teacher_layers"])
-    proj = build_projections(stage, plan, models.width(model), ctx["teacher_width"])
-    start_epoch, state = 0, None
-    if (ckpt := ray.train.get_checkpoint()) is not None:  # resume after a failure
-        with ckpt.as_directory() as d:
-            models.load_folder(Path(d) / "model", model)
-            state = torch.load(Path(d) / STATE_FILE, weights_only=False)
-            proj.load_state_dict(state["proj"])
+
+def train_run(ctx: dict[str, Any], cfg: Config, run: dict[str, Any], ckpt, device) -> bool:
+    """The loop for one run (a stage or a teacher); rank 0 keeps its best epoch by dev metric
+    and, at the end, moves it to run["out_dir"]. False if it stopped on a non-finite loss."""
+    import ray.train
+    import ray.train.torch as rtt
+
+    stage: StageConfig = from_dict(StageConfig, run["stage"])
+    tasks: dict[str, dict] = run["tasks"]  # name -> {"kind", "num_outputs", "metric"}
+    world, rank = ray.train.get_context().get_world_size(), ray.train.get_context().get_world_rank()
+    out_dir = Path(run["out_dir"])
+    torch.manual_seed(run["seed"])
+    model = models.build(run["model"], run["heads"])
+    teacher = models.build(run["online_teacher"], {}) if run.get("online_teacher") else None
+    plan = make_plan(stage, models.num_layers(model), run["teacher_layers"])
+    proj = build_projections(stage, plan, models.width(model), run["teacher_width"])
+    start_epoch, state = 0, _resume_state(ckpt, run, model, proj)
+    if state is not None:
         start_epoch = state["epoch"] + 1
         if rank == 0:
-            print(f"[raykd] resumed from the epoch {state['epoch']} checkpoint (step {state['step']}) "
-                  f"on {world} worker(s); steps after it are redone", flush=True)
+            print(f"[raykd] {run['label']}: resumed from the epoch {state['epoch']} checkpoint "
+                  f"(step {state['step']}) on {world} worker(s); steps after it are redone", flush=True)
+    elif rank == 0:
+        shutil.rmtree(_best_dir(out_dir), ignore_errors=True)  # an earlier attempt's, not this one's
+        print(f"[raykd] {run['label']}: training on {list(tasks)}, losses {stage.losses}", flush=True)
     net = Trainee(model, proj, stage, plan)
     trainee = rtt.prepare_model(net, parallel_strategy_kwargs={"find_unused_parameters": True})
     if teacher is not None:
         teacher.to(device).eval()
 
     per_worker = max(1, stage.optim.batch_size // world)
-    sources = {t: ctx["sources"][f"train:{t}"] for t in tasks}
+    sources = {t: run["sources"][f"train:{t}"] for t in tasks}
     counts = {t: num_batches(src.rows, world, per_worker) for t, src in sources.items()}
     steps_per_epoch = sum(counts.values())
     total = stage.optim.max_steps or steps_per_epoch * stage.optim.epochs
@@ -100,14 +118,17 @@ def train_worker(ctx: dict[str, Any]) -> None:
         sched.load_state_dict(state["sched"])
     amp = stage.optim.bf16 and evaluate.bf16_supported(device)
     step, log = (state or {}).get("step", 0), _Progress(rank, total)
+    last_rate = (state or {}).get("epoch_examples_per_s", 0.0)
 
     def epoch_batches(epoch: int):  # read + collate the next batches while this one trains
-        return prefetched((task, _collate(table, (ctx["cache_columns"] or {}).get(task)))  # per task: widths differ
+        return prefetched((task, _collate(table, (run["cache_columns"] or {}).get(task)))  # per task: widths differ
                           for task, table in _train_batches(sources, counts, rank, world, per_worker,
-                                                            cfg.data.sampling_alpha, ctx["seed"] + epoch))
+                                                            cfg.data.sampling_alpha, run["seed"] + epoch))
 
-    batches = epoch_batches(start_epoch)
+    batches = epoch_batches(start_epoch) if start_epoch < stage.optim.epochs and step < total else None
     for epoch in range(start_epoch, stage.optim.epochs):
+        if step >= total:
+            break
         trainee.train()
         log.begin_epoch()
         timed = log.timed_wait(batches)
@@ -122,7 +143,7 @@ def train_worker(ctx: dict[str, Any]) -> None:
                 loss, terms = trainee(batch, task, tasks[task]["kind"])
             if not _finite_on_every_rank(loss, world):  # all ranks stop at the same step
                 _record_nonfinite(ctx, rank, loss, step + 1, epoch, task, terms)
-                return
+                return False
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if stage.optim.grad_clip > 0:
@@ -137,17 +158,74 @@ def train_worker(ctx: dict[str, Any]) -> None:
                 break
         timed.close()
         log.end_epoch()
+        last_rate = log.epoch_rate
         if epoch + 1 < stage.optim.epochs and step < total:
             batches = epoch_batches(epoch + 1)  # its first window is read while this epoch is evaluated
         losses = log.epoch_losses()
-        metrics = _evaluate_rank0(net.model, ctx, cfg, rank, device, amp, losses)
+        metrics = _evaluate_rank0(net.model, run, cfg, rank, device, amp, losses)
         metrics |= {"epoch": epoch, "step": step, "train_examples_per_s": log.rate(),
                     "epoch_examples_per_s": log.epoch_rate, "data_wait_fraction": log.wait_fraction(),
                     "first_step_unix": log.first_step_unix, **losses,
                     "placement_group": _placement_group_id()}
-        _report(metrics, net, opt, sched, epoch, step, start_epoch, rank)
-        if step >= total:
-            break
+        if rank == 0:
+            _keep_if_best(net.model, metrics, out_dir)
+        _report(metrics, net, opt, sched, epoch, step, start_epoch, rank, out_dir)
+    if rank == 0:
+        _finish_run(out_dir, last_rate)
+    if world > 1:
+        torch.distributed.barrier()  # every rank sees the output before the next run reads it
+    return True
+
+
+def finished(out_dir: str | Path) -> bool:
+    """A run's output folder is complete (it appears, by a rename, only when training ended)."""
+    return (Path(out_dir) / "metrics.json").is_file()
+
+
+def _best_dir(out_dir: Path) -> Path:
+    return out_dir.with_name(out_dir.name + ".best")
+
+
+def _resume_state(ckpt, run: dict, model, proj) -> dict | None:
+    """The checkpoint's training state, with its weights loaded into model and proj, if the
+    checkpoint is this run's (a checkpoint names the output folder of the run that wrote it)."""
+    if ckpt is None:
+        return None
+    with ckpt.as_directory() as d:
+        state = torch.load(Path(d) / STATE_FILE, weights_only=False)
+        if state.get("out_dir") != run["out_dir"]:
+            return None
+        models.load_folder(Path(d) / "model", model)
+        proj.load_state_dict(state["proj"])
+    return state
+
+
+def _keep_if_best(model, metrics: dict, out_dir: Path) -> None:
+    """Rank 0: save this epoch's model and metrics as the run's best if its dev_main beats the
+    best so far (the first of equals is kept). Written beside and renamed into place."""
+    best = _best_dir(out_dir)
+    if (best / "metrics.json").is_file():
+        if json.loads((best / "metrics.json").read_text())["dev_main"] >= metrics["dev_main"]:
+            return
+    tmp = out_dir.with_name(out_dir.name + ".best-tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    models.save_folder(model, tmp / "model")
+    (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    shutil.rmtree(best, ignore_errors=True)
+    os.replace(tmp, best)
+
+
+def _finish_run(out_dir: Path, last_rate: float) -> None:
+    """Rank 0: the best epoch becomes out_dir (model/ + metrics.json) in one rename; its metrics
+    gain the last epoch's own rate, whichever epoch was best (steady state, start-up excluded)."""
+    best = _best_dir(out_dir)
+    if not (best / "metrics.json").is_file():
+        raise RuntimeError(f"{out_dir}: training ended with no evaluated epoch to keep")
+    metrics = json.loads((best / "metrics.json").read_text())
+    metrics["final_epoch_examples_per_s"] = last_rate
+    (best / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.replace(best, out_dir)
 
 
 def _placement_group_id() -> str:
@@ -208,18 +286,18 @@ def _train_batches(sources: dict, counts: dict[str, int], rank: int, world: int,
         yield task, next(iters[task])
 
 
-def _evaluate_rank0(model, ctx: dict, cfg: Config, rank: int, device, amp: bool,
+def _evaluate_rank0(model, run: dict, cfg: Config, rank: int, device, amp: bool,
                     losses: dict[str, float]) -> dict[str, float]:
     """Dev metrics of the stage's labeled tasks; `dev_main` is their mean main metric. A stage on
     unlabeled text has no dev metric: its `dev_main` is minus its mean training loss."""
     if rank != 0:
         return {}
-    labeled = {t: info for t, info in ctx["tasks"].items() if info.get("metric")}
+    labeled = {t: info for t, info in run["tasks"].items() if info.get("metric")}
     if not labeled:
         return {"dev_main": -float(sum(losses.values()))}
     results: dict[str, float] = {}
     for t, info in labeled.items():
-        batches = (_collate(tb, None) for tb in eval_batches(ctx["sources"][f"dev:{t}"]))
+        batches = (_collate(tb, None) for tb in eval_batches(run["sources"][f"dev:{t}"]))
         task = data.task_of(cfg.data, t)  # user-declared tasks too
         results |= evaluate.evaluate_task(model, batches, task, info["kind"], device, amp, prefix=f"{t}/")
     mains = [results[f"{t}/{info['metric']}"] for t, info in labeled.items()]
@@ -227,7 +305,7 @@ def _evaluate_rank0(model, ctx: dict, cfg: Config, rank: int, device, amp: bool,
     return results
 
 
-def _report(metrics, net, opt, sched, epoch, step, start_epoch, rank) -> None:
+def _report(metrics, net, opt, sched, epoch, step, start_epoch, rank, out_dir: Path) -> None:
     import ray.train
 
     with tempfile.TemporaryDirectory() as d:
@@ -236,7 +314,8 @@ def _report(metrics, net, opt, sched, epoch, step, start_epoch, rank) -> None:
             models.save_folder(net.model, Path(d) / "model")
             torch.save({"opt": opt.state_dict(), "sched": sched.state_dict(), "epoch": epoch,
                         "step": step, "start_epoch": start_epoch,  # > 0: this attempt resumed
-                        "proj": net.proj.state_dict()}, Path(d) / STATE_FILE)
+                        "epoch_examples_per_s": metrics["epoch_examples_per_s"],
+                        "out_dir": str(out_dir), "proj": net.proj.state_dict()}, Path(d) / STATE_FILE)
             ckpt = ray.train.Checkpoint.from_directory(d)
             print(f"[raykd] epoch {epoch} step {step} dev " + " ".join(
                 f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float)), flush=True)
@@ -328,71 +407,80 @@ class _Progress:
 # ------------------------------------------------------------------------------ driver side
 
 
-def fit(cfg: Config, stage: StageConfig, model_spec: dict, tasks: dict[str, dict],
-        sources: dict, out_dir: str | Path, *, teacher_layers: int, teacher_width: int,
-        cache_columns: dict[str, dict] | None = None, online_teacher: dict | None = None,
-        seed: int | None = None, callbacks: tuple = (), heads: dict[str, int] | None = None
-        ) -> dict[str, Any]:
-    """Run the loop on a TorchTrainer; copy the best checkpoint's model to out_dir/model.
+def run_spec(stage: StageConfig, model_spec: dict, tasks: dict[str, dict], sources: dict,
+             out_dir: str | Path, *, teacher_layers: int, teacher_width: int, seed: int,
+             cache_columns: dict[str, dict] | None = None, online_teacher: dict | None = None,
+             heads: dict[str, int] | None = None, label: str = "") -> dict[str, Any]:
+    """One run of the loop, as plain data for `fit_all`.
 
-    heads: task -> outputs of the model's heads (default: the trained tasks'); a student keeps
-    heads for every task of the recipe, also in stages that train on a subset or unlabeled text.
+    model_spec: what to start from (models.build), e.g. an earlier run's out_dir/model.
+    tasks: {task: {"kind", "num_outputs", "metric"}} trained on; heads: task -> outputs of the
+    model's heads (default: the trained tasks'); a student keeps heads for every task of the
+    recipe, also in stages that train on a subset or unlabeled text.
     sources: {"train:<task>": TableSource | CacheSource, "dev:<task>": TableSource}
-    (pipeline.train_data: each worker reads its own share, no Ray Data coordinator). Returns the best
-    checkpoint's metrics. The output folder appears only when training has finished.
+    (pipeline.train_data: each worker reads its own share, no Ray Data coordinator).
+    """
+    out_dir = Path(out_dir).resolve()
+    return {"stage": _plain(stage), "model": model_spec, "tasks": tasks, "sources": sources,
+            "heads": heads or {t: v["num_outputs"] for t, v in tasks.items()},
+            "teacher_layers": teacher_layers, "teacher_width": teacher_width, "seed": seed,
+            "cache_columns": cache_columns, "online_teacher": online_teacher,
+            "out_dir": str(out_dir), "label": label or out_dir.name}
+
+
+def fit_all(cfg: Config, runs: list[dict[str, Any]], experiment: str | Path, *,
+            callbacks: tuple = ()) -> list[dict[str, Any]]:
+    """Train `runs` (from run_spec) in order on one TorchTrainer; each run's best epoch (by
+    dev_main) lands in its out_dir as model/ + metrics.json, a folder that appears only when
+    that run has finished. Runs finished earlier are skipped. Returns each run's metrics.
+
+    One TorchTrainer for all of a recipe's stages (or all of a job's teachers): a Ray Train run
+    starts a controller and worker processes that import torch and transformers, ~8 s on two
+    cores, which the second and later runs no longer pay.
+    experiment: a folder naming the Ray Train experiment (see train_storage); a rerun with the
+    same one resumes the run it stopped in from that run's latest checkpoint.
     callbacks: Ray Train callbacks, e.g. one forwarding each report to Ray Tune (sweeps).
     """
     import ray.train
 
-    out_dir = Path(out_dir).resolve()
-    storage = train_storage(cfg, out_dir)
-    _take_nonfinite(storage, cfg.ray.num_workers)  # a previous attempt's, if any
-    heads = heads or {t: v["num_outputs"] for t, v in tasks.items()}
-    ctx = {"config": _plain(cfg), "stage": _plain(stage), "model": model_spec, "tasks": tasks,
-           "heads": heads, "sources": sources,
-           "teacher_layers": teacher_layers, "teacher_width": teacher_width,
-           "cache_columns": cache_columns, "online_teacher": online_teacher,
-           "seed": cfg.run.seed if seed is None else seed, "storage": storage,
-           "test_crash_at_step": int(os.environ.get(CRASH_ENV, 0)) or None}
-    trainer = ray_runtime.trainer(
-        train_worker, ctx,
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
-            placement_strategy=cfg.ray.placement_strategy,
-            resources_per_worker={"CPU": cfg.ray.cpus_per_worker, **({"GPU": 1} if cfg.ray.use_gpu else {})}),
-        run_config=ray.train.RunConfig(
-            name=storage["name"], storage_path=storage["path"],
-            checkpoint_config=ray.train.CheckpointConfig(
-                num_to_keep=2, checkpoint_score_attribute="dev_main", checkpoint_score_order="max"),
-            failure_config=ray.train.FailureConfig(max_failures=2), callbacks=list(callbacks)),
-    )
-    result = trainer.fit()  # raises when workers keep failing after max_failures retries
-    if reason := _take_nonfinite(storage, cfg.ray.num_workers):
-        raise NonFiniteLoss(reason)
-    best = result.get_best_checkpoint(metric="dev_main", mode="max") or result.checkpoint
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    with best.as_directory() as d:  # a download when the storage is a URI
-        shutil.copytree(Path(d) / "model", tmp / "model")
-    metrics = dict(_best_metrics(result, best))
-    # the last epoch's own rate, whichever epoch was best: steady-state throughput, start-up excluded
-    metrics["final_epoch_examples_per_s"] = (result.metrics or {}).get("epoch_examples_per_s", 0.0)
-    (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.replace(tmp, out_dir)
-    if not cfg.run.keep_checkpoints:  # the best model is in out_dir now
-        fs, base = store.filesystem(storage["path"])
-        experiment = store.join(base, storage["name"])
-        if store.exists(fs, experiment):
-            fs.delete_dir(experiment)
-    return metrics
+    pending = [r for r in runs if not finished(r["out_dir"])]
+    if pending:
+        storage = train_storage(cfg, Path(experiment).resolve())
+        _take_nonfinite(storage, cfg.ray.num_workers)  # a previous attempt's, if any
+        ctx = {"config": _plain(cfg), "runs": pending, "storage": storage,
+               "test_crash_at_step": int(os.environ.get(CRASH_ENV, 0)) or None}
+        trainer = ray_runtime.trainer(
+            train_worker, ctx,
+            scaling_config=ray.train.ScalingConfig(
+                num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
+                placement_strategy=cfg.ray.placement_strategy,
+                resources_per_worker={"CPU": cfg.ray.cpus_per_worker, **({"GPU": 1} if cfg.ray.use_gpu else {})}),
+            run_config=ray.train.RunConfig(
+                name=storage["name"], storage_path=storage["path"],
+                # the latest checkpoint only, to resume from: each run's best epoch is kept by
+                # rank 0 beside its output folder
+                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
+                failure_config=ray.train.FailureConfig(max_failures=2), callbacks=list(callbacks)),
+        )
+        trainer.fit()  # raises when workers keep failing after max_failures retries
+        if reason := _take_nonfinite(storage, cfg.ray.num_workers):
+            raise NonFiniteLoss(reason)
+        if missing := [r["out_dir"] for r in pending if not finished(r["out_dir"])]:
+            raise RuntimeError(f"Ray Train finished without writing {missing}")
+        if not cfg.run.keep_checkpoints:  # every run's best model is in its out_dir now
+            fs, base = store.filesystem(storage["path"])
+            experiment_path = store.join(base, storage["name"])
+            if store.exists(fs, experiment_path):
+                fs.delete_dir(experiment_path)
+    return [json.loads((Path(r["out_dir"]) / "metrics.json").read_text()) for r in runs]
 
 
 def train_storage(cfg: Config, out_dir: Path) -> dict[str, str]:
-    """Ray Train's storage for the run that writes out_dir: {"path": a local path or URI, "name":
-    the experiment folder in it}. By default `<out_dir.parent>/.ray_train/<out_dir.name>_train`;
-    under run.storage_path, which many runs share, the name also holds the run name and a hash of
-    out_dir, so no two runs share an experiment folder."""
+    """Ray Train's storage for the experiment named by out_dir (fit_all's `experiment`, e.g.
+    <student>/stages): {"path": a local path or URI, "name": the experiment folder in it}. By
+    default `<out_dir.parent>/.ray_train/<out_dir.name>_train`; under run.storage_path, which
+    many runs share, the name also holds the run name and a hash of out_dir, so no two runs
+    share an experiment folder."""
     if not cfg.run.storage_path:
         return {"path": str(out_dir.parent / ".ray_train"), "name": f"{out_dir.name}_train"}
     path = cfg.run.storage_path
@@ -417,13 +505,6 @@ def _take_nonfinite(storage: dict[str, str], world: int) -> str:
             reasons.append(store.read_bytes(fs, path).decode())
             fs.delete_file(path)
     return reasons[0] if reasons else ""
-
-
-def _best_metrics(result, best) -> dict:
-    for ckpt, metrics in result.best_checkpoints:
-        if ckpt.path == best.path:
-            return metrics
-    return result.metrics or {}
 
 
 def _plain(obj) -> dict:

@@ -17,7 +17,7 @@ from pipeline.cache.key import cache_key, check_fields
 from pipeline.cache.reader import columns_of
 from pipeline.train_data import cache_source, table_source
 from pipeline.config import Config, to_dict
-from pipeline.distill import fit
+from pipeline.distill import fit_all, run_spec
 from pipeline.errors import ConfigError
 from pipeline.objective import check_stage, make_plan, teacher_quantities
 from pipeline.teacher import base_model_path, run_dir
@@ -99,8 +99,10 @@ def distill_student(cfg: Config, teachers_by_task: dict[str, list[Path]], *,
     heads = {t: data.task_of(cfg.data, t).num_outputs for t in cfg.data.tasks}
     done: dict[str, dict] = {}  # stage name -> spec of its best student
     final_by_task: dict[str, str] = {}
+    runs, folders = [], []
     for i, stage in enumerate(cfg.distill.stages):
         folder = out / f"stage{i}-{stage.name}"
+        folders.append(folder)
         start = done[stage.from_stage] if stage.from_stage else spec
         spec = {"kind": "folder", "path": str(folder / "model")}
         done[stage.name] = spec
@@ -127,12 +129,17 @@ def distill_student(cfg: Config, teachers_by_task: dict[str, list[Path]], *,
                 sources[f"dev:{task}"] = table_source(data.load_tokenized(cfg.data, task, "dev", tokenizer))
                 info[task] |= {"kind": t.kind, "num_outputs": t.num_outputs, "metric": t.metrics[0]}
         online = {"kind": "folder", "path": str(teacher)} if cfg.distill.online and quantities else None
-        print(f"[raykd] student stage {i} ({stage.name}) on {train_tasks}: losses {stage.losses}, "
+        label = f"student stage {i} ({stage.name})"
+        print(f"[raykd] {label} on {train_tasks}: losses {stage.losses}, "
               f"{'online teacher' if online else 'cached ' + str(quantities)}", flush=True)
-        fit(cfg, stage, start, info, sources, folder, teacher_layers=t_cfg.num_hidden_layers,
-            teacher_width=t_cfg.hidden_size, cache_columns=columns or None, online_teacher=online,
-            callbacks=callbacks, heads=heads)
-        tokenizer.save_pretrained(folder / "model")
+        runs.append(run_spec(stage, start, info, sources, folder, teacher_layers=t_cfg.num_hidden_layers,
+                             teacher_width=t_cfg.hidden_size, seed=cfg.run.seed,
+                             cache_columns=columns or None, online_teacher=online, heads=heads,
+                             label=label))
+    fit_all(cfg, runs, out / "stages", callbacks=callbacks)  # all stages in one Ray Train run
+    for folder in folders:
+        if not (folder / "model" / "tokenizer_config.json").is_file():
+            tokenizer.save_pretrained(folder / "model")
     final = Path(spec["path"]).parent
     (out / "final.json").write_text(json.dumps({"student": str(final), "by_task": final_by_task},
                                                indent=2))

@@ -11,7 +11,7 @@ from transformers import AutoConfig, AutoTokenizer
 
 from pipeline import data
 from pipeline.config import Config, StageConfig
-from pipeline.distill import fit
+from pipeline.distill import fit_all, run_spec
 from pipeline.encoder import META_FILE, fingerprint, read_meta, sentence_pooling
 from pipeline.errors import ConfigError
 from pipeline.train_data import table_source
@@ -71,22 +71,29 @@ def train_teachers(cfg: Config) -> dict[str, list[Path]]:
     tokenizer = AutoTokenizer.from_pretrained(base)
     base_cfg = AutoConfig.from_pretrained(base)
     out: dict[str, list[Path]] = {}
+    runs = []
     for group, tasks in teacher_groups(cfg).items():
         out[group] = []
         info, sources = task_sources(cfg, tasks, tokenizer)
         for member, folder in enumerate(teacher_dirs(cfg, group)):
             out[group].append(folder)
             if (folder / "metrics.json").is_file():
+                if (folder / "model").is_dir():  # trained by a run that stopped before this step
+                    finish_teacher_folder(folder, tokenizer, base)
                 check_teacher_tasks(folder, tasks)
                 print(f"[raykd] teacher {folder} exists; reusing it", flush=True)
                 continue
-            print(f"[raykd] training teacher {group} member {member} on {list(tasks)}", flush=True)
+            label = f"teacher {group}" + (f" member {member}" if cfg.teacher.ensemble_size > 1 else "")
+            print(f"[raykd] {label} on {list(tasks)}: to train", flush=True)
             stage = StageConfig(name="teacher", losses={"hard": 1.0}, optim=cfg.teacher.optim)
             spec = {"kind": "pretrained", "path": base, "pooling": teacher_pooling(cfg, base),
                     "dropout": cfg.teacher.dropout + 0.02 * member}  # members differ by seed+dropout
-            fit(cfg, stage, spec, info, sources, folder, teacher_layers=base_cfg.num_hidden_layers,
-                teacher_width=base_cfg.hidden_size, seed=cfg.run.seed + 1000 * member)
-            finish_teacher_folder(folder, tokenizer, base)
+            runs.append(run_spec(stage, spec, info, sources, folder, label=label,
+                                 teacher_layers=base_cfg.num_hidden_layers,
+                                 teacher_width=base_cfg.hidden_size, seed=cfg.run.seed + 1000 * member))
+    fit_all(cfg, runs, teacher_root(cfg) / "teachers")  # every teacher in one Ray Train run
+    for r in runs:
+        finish_teacher_folder(Path(r["out_dir"]), tokenizer, base)
     return out
 
 

@@ -373,7 +373,7 @@ def test_distillation_resumes_after_losing_a_training_node(cluster, s3, s3_cache
     t_kill = time.monotonic()
     assert "[raykd] epoch 1 step" not in before_kill, "epoch 1 had ended before the kill; make epochs longer"
 
-    while "[raykd] resumed from" not in (logs := client.get_job_logs(sid)):
+    while "resumed from the epoch" not in (logs := client.get_job_logs(sid)):
         assert str(client.get_job_status(sid).value) not in TERMINAL, logs[-3000:]
         assert time.monotonic() < t_kill + 300, f"no resume within 300 s of the kill:\n{logs[-3000:]}"
         time.sleep(0.5)

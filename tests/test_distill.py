@@ -309,8 +309,8 @@ def test_every_loss_over_two_chained_stages(tiny_teacher, shared_cache, tmp_path
     out = tmp_path / "sst2" / "student"
     folders = [out / "stage0-features", out / "stage1-predictions"]
     assert final == folders[1]
-    # keep_checkpoints=false: each stage's Ray Train folder is gone once its model is copied out
-    assert not any((out / ".ray_train" / f"{f.name}_train").exists() for f in folders)
+    # keep_checkpoints=false: the stages' Ray Train folder is gone once their models are out
+    assert not (out / ".ray_train" / "stages_train").exists()
     assert json.loads((out / "final.json").read_text()) == {
         "student": str(folders[1]), "by_task": {"sst2": str(folders[1])}}
     for folder, losses in zip(folders, (FEATURE_LOSSES, PREDICTION_LOSSES)):
@@ -320,6 +320,9 @@ def test_every_loss_over_two_chained_stages(tiny_teacher, shared_cache, tmp_path
         assert sorted(k[5:] for k in metrics if k.startswith("loss/")) == sorted(losses)
         assert all(math.isfinite(metrics[f"loss/{n}"]) for n in losses)
         assert (folder / "model" / "tokenizer.json").is_file()
+    # both stages ran in one Ray Train run (one placement group: no second set of processes)
+    groups = {json.loads((f / "metrics.json").read_text())["placement_group"] for f in folders}
+    assert len(groups) == 1 and "" not in groups, groups
     assert isinstance(models.load_model(folders[1] / "model"), EncoderClassifier)
 
     torch.manual_seed(cfg.run.seed)  # the fresh student the first stage started from
@@ -360,21 +363,26 @@ def test_two_worker_ddp_matches_one_worker(tiny_teacher, shared_cache, tmp_path)
 
 def test_bilstm_pair_task_resumes_after_a_killed_worker(tiny_teacher, ray_local, glue_dir, tmp_path,
                                                         monkeypatch):
-    """BiLSTM student, kd + hard on MRPC (a pair task; teacher in the loop, so no second cache
-    job), 2 epochs of 4 steps; the worker process exits at step 6 (epoch 1) once. Ray Train
-    restarts it (max_failures=2); it must resume from the epoch-0 checkpoint and finish epoch 1,
-    not start over."""
+    """BiLSTM student on MRPC (a pair task; teacher in the loop, so no second cache job), two
+    stages in one Ray Train run: 1 epoch, then 2 epochs of 4 steps; the worker process exits at
+    step 6 of the second stage (its epoch 1) once. Ray Train restarts it (max_failures=2); it
+    must skip the finished first stage and resume the second from its epoch-0 checkpoint, not
+    start over."""
     monkeypatch.setenv(CRASH_ENV, "6")
+    kd = {"name": "kd", "losses": {"kd": 1, "hard": 1}, "optim": {"epochs": 1, "batch_size": 16, "lr": 1e-3}}
     cfg = tiny_cfg(tmp_path, tiny_teacher, "data.tasks=[mrpc]", "distill.online=true", "student.arch=bilstm",
                    "student.layers=1", "student.hidden=16", "student.lstm_hidden=8",
-                   stages_yaml({"name": "kd", "losses": {"kd": 1, "hard": 1},
-                                "optim": {"epochs": 2, "batch_size": 16, "lr": 1e-3}}))
+                   stages_yaml(kd, kd | {"name": "kd2", "optim": kd["optim"] | {"epochs": 2}}))
     final = distill_student(cfg, {"mrpc": [tiny_teacher]})
-    run = final.parent / ".ray_train" / f"{final.name}_train"
-    assert (run / "test_crash.marker").is_file()  # the worker did die once
+    run = final.parent / ".ray_train" / "stages_train"
+    marker = run / "test_crash.marker"
+    assert marker.is_file()  # the worker did die once
+    first = final.parent / "stage0-kd" / "metrics.json"
+    assert first.stat().st_mtime_ns < marker.stat().st_mtime_ns  # not retrained after the crash
     states = [torch.load(p, weights_only=False) for p in run.glob(f"checkpoint_*/{STATE_FILE}")]
     last = max(states, key=lambda s: s["step"])
     assert (last["epoch"], last["step"], last["start_epoch"]) == (1, 8, 1)  # resumed at epoch 1
+    assert last["out_dir"] == str(final)
     model = models.load_model(final / "model")
     assert isinstance(model, BiLSTMClassifier) and model.cfg.pair_tasks == ("mrpc",)
     metrics = json.loads((final / "metrics.json").read_text())
@@ -422,7 +430,7 @@ def test_checkpoints_and_nonfinite_message_in_s3(tiny_teacher, shared_cache, s3,
     assert json.loads((final / "metrics.json").read_text())["step"] == 2
     assert not (final.parent / ".ray_train").exists()
     files = [i.path for i in fs.get_file_info(pafs.FileSelector(base, recursive=True))]
-    experiment = train_storage(cfg, final)["name"]
+    experiment = train_storage(cfg, final.parent / "stages")["name"]
     states = [f for f in files if f.startswith(f"{base}/{experiment}/") and f.endswith(f"/{STATE_FILE}")]
     assert len(states) == 1 and "/checkpoint_" in states[0], files
 

@@ -29,6 +29,8 @@ def test_multitask_ensemble_teacher(tmp_path, tiny_teacher, glue_dir, ray_local)
         assert set(model.heads) == {"sst2", "stsb"}
         assert (m / "tokenizer.json").is_file()
     assert teachers_by_task(cfg, existing_teachers(cfg)) == {"sst2": members, "stsb": members}
+    # both members trained in one Ray Train run (one placement group)
+    assert len({json.loads((m / "metrics.json").read_text())["placement_group"] for m in members}) == 1
     # A second call reuses the finished folders (no retraining: the files stay untouched).
     stamp = (members[0] / "model.safetensors").stat().st_mtime_ns
     train_teachers(cfg)
