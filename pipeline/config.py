@@ -43,8 +43,9 @@ class RunConfig:
     # where Ray Train keeps training checkpoints (teachers and students): "" = a .ray_train folder
     # beside the trained folders in the run dir; else a path every node shares or a URI (s3://...)
     storage_path: str = ""
-    # keep Ray Train's checkpoints once a model is trained and copied out (about 400 MB per
-    # 3-layer student stage with optimizer state); false deletes them, e.g. for many-run tables
+    # keep Ray Train's latest checkpoint once every model of a step is trained and moved out
+    # (about 200 MB for a 3-layer student with optimizer state); false deletes it, e.g. for
+    # many-run tables
     keep_checkpoints: bool = True
     # the report times student and teacher at batch 1 and 64, bf16 and fp32: each for at least
     # this many seconds (shorter is noisier; smoke runs and tests use less)

@@ -84,7 +84,7 @@ def train_teachers(cfg: Config) -> dict[str, list[Path]]:
                 print(f"[raykd] teacher {folder} exists; reusing it", flush=True)
                 continue
             label = f"teacher {group}" + (f" member {member}" if cfg.teacher.ensemble_size > 1 else "")
-            print(f"[raykd] {label} on {list(tasks)}: to train", flush=True)
+            print(f"[raykd] training {label} on {list(tasks)}", flush=True)
             stage = StageConfig(name="teacher", losses={"hard": 1.0}, optim=cfg.teacher.optim)
             spec = {"kind": "pretrained", "path": base, "pooling": teacher_pooling(cfg, base),
                     "dropout": cfg.teacher.dropout + 0.02 * member}  # members differ by seed+dropout
