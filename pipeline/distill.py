@@ -429,10 +429,10 @@ def run_spec(stage: StageConfig, model_spec: dict, tasks: dict[str, dict], sourc
 
 
 def fit_all(cfg: Config, runs: list[dict[str, Any]], experiment: str | Path, *,
-            callbacks: tuple = ()) -> list[dict[str, Any]]:
+            callbacks: tuple = ()) -> None:
     """Train `runs` (from run_spec) in order on one TorchTrainer; each run's best epoch (by
     dev_main) lands in its out_dir as model/ + metrics.json, a folder that appears only when
-    that run has finished. Runs finished earlier are skipped. Returns each run's metrics.
+    that run has finished. Runs finished earlier are skipped.
 
     One TorchTrainer for all of a recipe's stages (or all of a job's teachers): a Ray Train run
     starts a controller and worker processes that import torch and transformers, ~8 s on two
@@ -444,35 +444,35 @@ def fit_all(cfg: Config, runs: list[dict[str, Any]], experiment: str | Path, *,
     import ray.train
 
     pending = [r for r in runs if not finished(r["out_dir"])]
-    if pending:
-        storage = train_storage(cfg, Path(experiment).resolve())
-        _take_nonfinite(storage, cfg.ray.num_workers)  # a previous attempt's, if any
-        ctx = {"config": _plain(cfg), "runs": pending, "storage": storage,
-               "test_crash_at_step": int(os.environ.get(CRASH_ENV, 0)) or None}
-        trainer = ray_runtime.trainer(
-            train_worker, ctx,
-            scaling_config=ray.train.ScalingConfig(
-                num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
-                placement_strategy=cfg.ray.placement_strategy,
-                resources_per_worker={"CPU": cfg.ray.cpus_per_worker, **({"GPU": 1} if cfg.ray.use_gpu else {})}),
-            run_config=ray.train.RunConfig(
-                name=storage["name"], storage_path=storage["path"],
-                # the latest checkpoint only, to resume from: each run's best epoch is kept by
-                # rank 0 beside its output folder
-                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
-                failure_config=ray.train.FailureConfig(max_failures=2), callbacks=list(callbacks)),
-        )
-        trainer.fit()  # raises when workers keep failing after max_failures retries
-        if reason := _take_nonfinite(storage, cfg.ray.num_workers):
-            raise NonFiniteLoss(reason)
-        if missing := [r["out_dir"] for r in pending if not finished(r["out_dir"])]:
-            raise RuntimeError(f"Ray Train finished without writing {missing}")
-        if not cfg.run.keep_checkpoints:  # every run's best model is in its out_dir now
-            fs, base = store.filesystem(storage["path"])
-            experiment_path = store.join(base, storage["name"])
-            if store.exists(fs, experiment_path):
-                fs.delete_dir(experiment_path)
-    return [json.loads((Path(r["out_dir"]) / "metrics.json").read_text()) for r in runs]
+    if not pending:
+        return
+    storage = train_storage(cfg, Path(experiment).resolve())
+    _take_nonfinite(storage, cfg.ray.num_workers)  # a previous attempt's, if any
+    ctx = {"config": _plain(cfg), "runs": pending, "storage": storage,
+           "test_crash_at_step": int(os.environ.get(CRASH_ENV, 0)) or None}
+    trainer = ray_runtime.trainer(
+        train_worker, ctx,
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
+            placement_strategy=cfg.ray.placement_strategy,
+            resources_per_worker={"CPU": cfg.ray.cpus_per_worker, **({"GPU": 1} if cfg.ray.use_gpu else {})}),
+        run_config=ray.train.RunConfig(
+            name=storage["name"], storage_path=storage["path"],
+            # the latest checkpoint only, to resume from: each run's best epoch is kept by
+            # rank 0 beside its output folder
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
+            failure_config=ray.train.FailureConfig(max_failures=2), callbacks=list(callbacks)),
+    )
+    trainer.fit()  # raises when workers keep failing after max_failures retries
+    if reason := _take_nonfinite(storage, cfg.ray.num_workers):
+        raise NonFiniteLoss(reason)
+    if missing := [r["out_dir"] for r in pending if not finished(r["out_dir"])]:
+        raise RuntimeError(f"Ray Train finished without writing {missing}")
+    if not cfg.run.keep_checkpoints:  # every run's best model is in its out_dir now
+        fs, base = store.filesystem(storage["path"])
+        experiment_path = store.join(base, storage["name"])
+        if store.exists(fs, experiment_path):
+            fs.delete_dir(experiment_path)
 
 
 def train_storage(cfg: Config, out_dir: Path) -> dict[str, str]:

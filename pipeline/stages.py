@@ -17,7 +17,7 @@ from pipeline.cache.key import cache_key, check_fields
 from pipeline.cache.reader import columns_of
 from pipeline.train_data import cache_source, table_source
 from pipeline.config import Config, to_dict
-from pipeline.distill import fit_all, run_spec
+from pipeline.distill import finished, fit_all, run_spec
 from pipeline.errors import ConfigError
 from pipeline.objective import check_stage, make_plan, teacher_quantities
 from pipeline.teacher import base_model_path, run_dir
@@ -108,7 +108,7 @@ def distill_student(cfg: Config, teachers_by_task: dict[str, list[Path]], *,
         done[stage.name] = spec
         train_tasks = [data.UNLABELED] if stage.unlabeled else list(stage.tasks or cfg.data.tasks)
         final_by_task |= {t: str(folder) for t in train_tasks if t != data.UNLABELED}
-        if (folder / "metrics.json").is_file():
+        if finished(folder):
             print(f"[raykd] {folder} finished earlier; reusing it", flush=True)
             continue
         plan = make_plan(stage, cfg.student.layers, t_cfg.num_hidden_layers)

@@ -11,7 +11,7 @@ from transformers import AutoConfig, AutoTokenizer
 
 from pipeline import data
 from pipeline.config import Config, StageConfig
-from pipeline.distill import fit_all, run_spec
+from pipeline.distill import finished, fit_all, run_spec
 from pipeline.encoder import META_FILE, fingerprint, read_meta, sentence_pooling
 from pipeline.errors import ConfigError
 from pipeline.train_data import table_source
@@ -77,7 +77,7 @@ def train_teachers(cfg: Config) -> dict[str, list[Path]]:
         info, sources = task_sources(cfg, tasks, tokenizer)
         for member, folder in enumerate(teacher_dirs(cfg, group)):
             out[group].append(folder)
-            if (folder / "metrics.json").is_file():
+            if finished(folder):
                 if (folder / "model").is_dir():  # trained by a run that stopped before this step
                     finish_teacher_folder(folder, tokenizer, base)
                 check_teacher_tasks(folder, tasks)
@@ -149,7 +149,7 @@ def existing_teachers(cfg: Config) -> dict[str, list[Path]]:
     for group in teacher_groups(cfg):
         folders = teacher_dirs(cfg, group)
         for f in folders:
-            if not (f / "metrics.json").is_file():
+            if not finished(f):
                 raise ConfigError(f"teacher {f} is not trained yet; run python -m jobs.teacher with "
                                   "the same config, or set teacher.path to a trained teacher folder")
         out[group] = folders
