@@ -5,7 +5,12 @@
   none   : the same student trained on labels only (no teacher signal), same rows and batch
   online : the same losses with the teacher forward in the loop
 Targets: cached/none >= 0.9x; cached/online >= 90% of the bound
-(teacher forward + student step) / student step, the bound measured here too.
+(teacher forward + student step) / student step, the bound measured here too: both from the
+online run's last epoch, whose loop times its teacher forward (the student step = the rest of
+that epoch: the same student, losses and optimizer step that the cached run takes). It is what
+a cache could give if reading cost nothing. The stricter figure that earlier sessions reported
+is printed beside it: the student step taken as the no-teacher (hard-label) step and the
+teacher forward timed alone, which also charges the distillation loss terms to the cache.
 
   python -m benchmarks.bench_distill --teacher runs/sst2_default/teacher/sst2 [--rows 4000] [--repeat 3]
       [--students 3x384,2x192]
@@ -36,12 +41,13 @@ STUDENTS = {"3x384": ["student.layers=3", "student.hidden=384", "student.heads=1
             "2x192": ["student.layers=2", "student.hidden=192", "student.heads=4", "student.ffn=768"]}
 
 
-def rate(folder: Path) -> tuple[float, float, float]:
+def rate(folder: Path) -> tuple[float, float, float, float]:
     """(examples/s of the last epoch alone: steady state; examples/s over all epochs, the first
     one's start-up included (first shard read, new shapes); share of the time the loop waited
-    for its next batch)."""
+    for its next batch; share of the last epoch spent in the teacher's forward (online only))."""
     m = json.loads((folder / "metrics.json").read_text())
-    return m["final_epoch_examples_per_s"], m["train_examples_per_s"], m.get("data_wait_fraction", float("nan"))
+    return (m["final_epoch_examples_per_s"], m["train_examples_per_s"], m.get("data_wait_fraction", float("nan")),
+            m.get("final_epoch_teacher_forward_fraction", 0.0))
 
 
 def teacher_forward_rate(teacher: Path, cfg, student_layers: int, rows: int) -> float:
@@ -89,20 +95,25 @@ def main() -> None:
                                 ("online", [stage(LOSSES), "distill.online=true"])):
                 cfg = load(None, common + student + extra + [f"run.name={name}-{mode}-{i}"])
                 folder = distill_student(cfg, {"sst2": [teacher]}, build_cache=True)
-                r[mode], r[f"{mode}_all_epochs"], r[f"{mode}_wait"] = rate(folder)
-            cfg = load(None, common + student + [stage(LOSSES)])
-            t_teacher = 1 / teacher_forward_rate(teacher, cfg, cfg.student.layers, args.rows)
-            t_student = 1 / r["none"]
-            r["bound"] = (t_teacher + t_student) / t_student
-            r["cached/none"] = r["cached"] / r["none"]
-            r["cached/none_all_epochs"] = r["cached_all_epochs"] / r["none_all_epochs"]
+                r[mode], r[f"{mode}_all_epochs"], r[f"{mode}_wait"], r[f"{mode}_teacher"] = rate(folder)
+            t_online = 1 / r["online"]  # s per example, last epoch
+            t_student = t_online * (1 - r["online_teacher"])  # the online step without its teacher forward
+            r["bound"] = t_online / t_student
             r["speedup"] = r["cached"] / r["online"]
             r["reached"] = r["speedup"] / r["bound"]
+            r["cached/none"] = r["cached"] / r["none"]
+            r["cached/none_all_epochs"] = r["cached_all_epochs"] / r["none_all_epochs"]
+            cfg = load(None, common + student + [stage(LOSSES)])
+            t_alone, t_hard = 1 / teacher_forward_rate(teacher, cfg, cfg.student.layers, args.rows), 1 / r["none"]
+            r["bound_hard_step"] = (t_alone + t_hard) / t_hard
+            r["reached_hard_step"] = r["speedup"] / r["bound_hard_step"]
             rounds.append(r)
             print(f"[bench] {name} round {i + 1}/{args.repeat}: cached {r['cached']:.1f}, none {r['none']:.1f}, "
                   f"online {r['online']:.1f} ex/s; cached/none {r['cached/none']:.3f}x "
                   f"(all epochs, start-up included: {r['cached/none_all_epochs']:.3f}x), "
-                  f"reached {100 * r['reached']:.0f}% of the bound {r['bound']:.2f}x", flush=True)
+                  f"reached {100 * r['reached']:.0f}% of the bound {r['bound']:.2f}x (teacher forward "
+                  f"{100 * r['online_teacher']:.0f}% of the online epoch); against the hard-label step: "
+                  f"{100 * r['reached_hard_step']:.0f}% of {r['bound_hard_step']:.2f}x", flush=True)
         med = {k: statistics.median(r[k] for r in rounds) for k in rounds[0]}
         results[name] = {"rounds": rounds, "median": med}
         print(f"\n== student {name}, {args.rows} SST-2 rows x {args.epochs} epochs, batch 32, bf16, "
@@ -112,7 +123,10 @@ def main() -> None:
         print(f"no teacher signal   : {med['none']:8.1f} ex/s   cached/none = {med['cached/none']:.3f}x (target >= 0.9); "
               f"over all {args.epochs} epochs, start-up included: {med['cached/none_all_epochs']:.3f}x")
         print(f"online distillation : {med['online']:8.1f} ex/s   speed-up of cache = {med['speedup']:.2f}x")
-        print(f"bound (T fwd + S step)/S step = {med['bound']:.2f}x; reached {100 * med['reached']:.0f}% (target >= 90%)")
+        print(f"bound (T fwd + S step)/S step = {med['bound']:.2f}x (both timed in the online run's last epoch); "
+              f"reached {100 * med['reached']:.0f}% (target >= 90%)")
+        print(f"stricter: S step = the hard-label step, T fwd timed alone: bound {med['bound_hard_step']:.2f}x, "
+              f"reached {100 * med['reached_hard_step']:.0f}%")
     (tmp / "bench_distill.json").write_text(json.dumps(results, indent=2))
     print(f"\nraw numbers: {tmp / 'bench_distill.json'}")
 

@@ -6,6 +6,7 @@ all this loop: they differ only in the stage's losses and where `t_*` batch keys
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -118,7 +119,7 @@ def train_run(ctx: dict[str, Any], cfg: Config, run: dict[str, Any], ckpt, devic
         sched.load_state_dict(state["sched"])
     amp = stage.optim.bf16 and evaluate.bf16_supported(device)
     step, log = (state or {}).get("step", 0), _Progress(rank, total)
-    last_rate = (state or {}).get("epoch_examples_per_s", 0.0)
+    last_epoch = {k: (state or {}).get(k, 0.0) for k in ("epoch_examples_per_s", "teacher_forward_fraction")}
 
     def epoch_batches(epoch: int):  # read + collate the next batches while this one trains
         return prefetched((task, _collate(table, (run["cache_columns"] or {}).get(task)))  # per task: widths differ
@@ -136,7 +137,7 @@ def train_run(ctx: dict[str, Any], cfg: Config, run: dict[str, Any], ckpt, devic
             batch = {k: v.to(device) for k, v in batch.items()}
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                 if teacher is not None:
-                    with torch.no_grad():
+                    with torch.no_grad(), log.timing_teacher(device):
                         head = task if task in teacher.tasks else None
                         batch |= teacher_batch(teacher(batch["input_ids"], batch["attention_mask"],
                                                        batch["token_type_ids"], head, plan.teacher), plan)
@@ -158,7 +159,8 @@ def train_run(ctx: dict[str, Any], cfg: Config, run: dict[str, Any], ckpt, devic
                 break
         timed.close()
         log.end_epoch()
-        last_rate = log.epoch_rate
+        last_epoch = {"epoch_examples_per_s": log.epoch_rate,
+                      "teacher_forward_fraction": log.epoch_teacher_fraction}
         if epoch + 1 < stage.optim.epochs and step < total:
             batches = epoch_batches(epoch + 1)  # its first window is read while this epoch is evaluated
         losses = log.epoch_losses()
@@ -166,12 +168,13 @@ def train_run(ctx: dict[str, Any], cfg: Config, run: dict[str, Any], ckpt, devic
         metrics |= {"epoch": epoch, "step": step, "train_examples_per_s": log.rate(),
                     "epoch_examples_per_s": log.epoch_rate, "data_wait_fraction": log.wait_fraction(),
                     "first_step_unix": log.first_step_unix, **losses,
+                    **({"teacher_forward_fraction": log.epoch_teacher_fraction} if teacher is not None else {}),
                     "placement_group": _placement_group_id()}
         if rank == 0:
             _keep_if_best(net.model, metrics, out_dir)
         _report(metrics, net, opt, sched, epoch, step, start_epoch, rank, out_dir)
     if rank == 0:
-        _finish_run(out_dir, last_rate)
+        _finish_run(out_dir, last_epoch)
     if world > 1:
         torch.distributed.barrier()  # every rank sees the output before the next run reads it
     return True
@@ -215,14 +218,17 @@ def _keep_if_best(model, metrics: dict, out_dir: Path) -> None:
     os.replace(tmp, best)
 
 
-def _finish_run(out_dir: Path, last_rate: float) -> None:
+def _finish_run(out_dir: Path, last_epoch: dict[str, float]) -> None:
     """Rank 0: the best epoch becomes out_dir (model/ + metrics.json) in one rename; its metrics
-    gain the last epoch's own rate, whichever epoch was best (steady state, start-up excluded)."""
+    gain the last epoch's own rate (and, online, its share of time in the teacher's forward),
+    whichever epoch was best (steady state, start-up excluded)."""
     best = _best_dir(out_dir)
     if not (best / "metrics.json").is_file():
         raise RuntimeError(f"{out_dir}: training ended with no evaluated epoch to keep")
     metrics = json.loads((best / "metrics.json").read_text())
-    metrics["final_epoch_examples_per_s"] = last_rate
+    metrics["final_epoch_examples_per_s"] = last_epoch["epoch_examples_per_s"]
+    if last_epoch["teacher_forward_fraction"]:
+        metrics["final_epoch_teacher_forward_fraction"] = last_epoch["teacher_forward_fraction"]
     (best / "metrics.json").write_text(json.dumps(metrics, indent=2))
     shutil.rmtree(out_dir, ignore_errors=True)
     os.replace(best, out_dir)
@@ -315,6 +321,7 @@ def _report(metrics, net, opt, sched, epoch, step, start_epoch, rank, out_dir: P
             torch.save({"opt": opt.state_dict(), "sched": sched.state_dict(), "epoch": epoch,
                         "step": step, "start_epoch": start_epoch,  # > 0: this attempt resumed
                         "epoch_examples_per_s": metrics["epoch_examples_per_s"],
+                        "teacher_forward_fraction": metrics.get("teacher_forward_fraction", 0.0),
                         "out_dir": str(out_dir), "proj": net.proj.state_dict()}, Path(d) / STATE_FILE)
             ckpt = ray.train.Checkpoint.from_directory(d)
             print(f"[raykd] epoch {epoch} step {step} dev " + " ".join(
@@ -342,6 +349,21 @@ class _Progress:
         self.wait_s = 0.0  # time the loop waited for its next batch (0 when reading keeps up)
         self.epoch_rate = 0.0  # examples/s of the last finished epoch alone (after start-up: steady)
         self._epoch_examples = 0
+        self.teacher_s = 0.0  # online distillation: time in the teacher's forward
+        self.epoch_teacher_fraction = 0.0  # its share of the last finished epoch
+        self._epoch_teacher_s = 0.0
+
+    @contextlib.contextmanager
+    def timing_teacher(self, device: torch.device):
+        """Time the in-loop teacher forward (online mode): the benchmark's bound on what a cache
+        can save is (teacher forward + student step) / student step, both from the same run."""
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            if device.type == "cuda":  # kernels run asynchronously: wait for the teacher's
+                torch.cuda.synchronize(device)
+            self.teacher_s += time.perf_counter() - t0
 
     def timed_wait(self, batches):
         """`batches`, timing how long the loop waits on each."""
@@ -377,11 +399,13 @@ class _Progress:
     def begin_epoch(self) -> None:
         self.t_begin = time.perf_counter()
         self._epoch_examples = self.examples
+        self._epoch_teacher_s = self.teacher_s
 
     def end_epoch(self) -> None:
         spent = time.perf_counter() - self.t_begin
         self.train_s += spent
         self.epoch_rate = (self.examples - self._epoch_examples) / max(spent, 1e-9)
+        self.epoch_teacher_fraction = (self.teacher_s - self._epoch_teacher_s) / max(spent, 1e-9)
         self.t_begin = None
 
     def _training_s(self) -> float:

@@ -319,6 +319,7 @@ def test_every_loss_over_two_chained_stages(tiny_teacher, shared_cache, tmp_path
         assert 0 <= metrics["sst2/accuracy"] <= 100 and metrics["dev_main"] == metrics["sst2/accuracy"]
         assert sorted(k[5:] for k in metrics if k.startswith("loss/")) == sorted(losses)
         assert all(math.isfinite(metrics[f"loss/{n}"]) for n in losses)
+        assert not {"teacher_forward_fraction", "final_epoch_teacher_forward_fraction"} & set(metrics)  # cached
         assert (folder / "model" / "tokenizer.json").is_file()
     # both stages ran in one Ray Train run (one placement group: no second set of processes)
     groups = {json.loads((f / "metrics.json").read_text())["placement_group"] for f in folders}
@@ -471,4 +472,7 @@ def test_online_mode_runs_every_loss_with_the_teacher_in_the_loop(tiny_teacher, 
     assert sorted(k[5:] for k in metrics if k.startswith("loss/")) == sorted(ALL_LOSSES)
     assert all(math.isfinite(metrics[f"loss/{n}"]) for n in ALL_LOSSES)
     assert metrics["loss/emb_relation"] > 0  # a random student differs from the teacher
+    # the loop times its teacher forward (bench_distill's bound on what a cache can save)
+    assert 0 < metrics["teacher_forward_fraction"] < 1
+    assert metrics["final_epoch_teacher_forward_fraction"] == metrics["teacher_forward_fraction"]
     assert isinstance(models.load_model(final / "model"), EncoderClassifier)
