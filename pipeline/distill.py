@@ -32,6 +32,8 @@ STATE_FILE = "train_state.pt"
 NONFINITE_FILE = "nonfinite-rank{rank}.txt"  # in the run's Ray Train folder; fit() raises it
 CRASH_MARKER = "test_crash.marker"
 CRASH_ENV = "RAYKD_TEST_CRASH_AT_STEP"  # tests only: rank 0 exits once at this step
+# the last epoch's steady-state figures: kept in the checkpoint, added to the run's metrics.json
+LAST_EPOCH_KEYS = ("epoch_examples_per_s", "teacher_forward_fraction")
 
 
 class NonFiniteLoss(RuntimeError):
@@ -119,7 +121,7 @@ def train_run(ctx: dict[str, Any], cfg: Config, run: dict[str, Any], ckpt, devic
         sched.load_state_dict(state["sched"])
     amp = stage.optim.bf16 and evaluate.bf16_supported(device)
     step, log = (state or {}).get("step", 0), _Progress(rank, total)
-    last_epoch = {k: (state or {}).get(k, 0.0) for k in ("epoch_examples_per_s", "teacher_forward_fraction")}
+    last_epoch = _last_epoch(state or {})
 
     def epoch_batches(epoch: int):  # read + collate the next batches while this one trains
         return prefetched((task, _collate(table, (run["cache_columns"] or {}).get(task)))  # per task: widths differ
@@ -159,8 +161,6 @@ def train_run(ctx: dict[str, Any], cfg: Config, run: dict[str, Any], ckpt, devic
                 break
         timed.close()
         log.end_epoch()
-        last_epoch = {"epoch_examples_per_s": log.epoch_rate,
-                      "teacher_forward_fraction": log.epoch_teacher_fraction}
         if epoch + 1 < stage.optim.epochs and step < total:
             batches = epoch_batches(epoch + 1)  # its first window is read while this epoch is evaluated
         losses = log.epoch_losses()
@@ -170,6 +170,7 @@ def train_run(ctx: dict[str, Any], cfg: Config, run: dict[str, Any], ckpt, devic
                     "first_step_unix": log.first_step_unix, **losses,
                     **({"teacher_forward_fraction": log.epoch_teacher_fraction} if teacher is not None else {}),
                     "placement_group": _placement_group_id()}
+        last_epoch = _last_epoch(metrics)
         if rank == 0:
             _keep_if_best(net.model, metrics, out_dir)
         _report(metrics, net, opt, sched, epoch, step, start_epoch, rank, out_dir)
@@ -216,6 +217,11 @@ def _keep_if_best(model, metrics: dict, out_dir: Path) -> None:
     (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
     shutil.rmtree(best, ignore_errors=True)
     os.replace(tmp, best)
+
+
+def _last_epoch(source: dict) -> dict[str, float]:
+    """LAST_EPOCH_KEYS of an epoch's metrics (or of a resumed checkpoint's state); 0 if absent."""
+    return {k: source.get(k, 0.0) for k in LAST_EPOCH_KEYS}
 
 
 def _finish_run(out_dir: Path, last_epoch: dict[str, float]) -> None:
@@ -320,8 +326,7 @@ def _report(metrics, net, opt, sched, epoch, step, start_epoch, rank, out_dir: P
             models.save_folder(net.model, Path(d) / "model")
             torch.save({"opt": opt.state_dict(), "sched": sched.state_dict(), "epoch": epoch,
                         "step": step, "start_epoch": start_epoch,  # > 0: this attempt resumed
-                        "epoch_examples_per_s": metrics["epoch_examples_per_s"],
-                        "teacher_forward_fraction": metrics.get("teacher_forward_fraction", 0.0),
+                        **_last_epoch(metrics),
                         "out_dir": str(out_dir), "proj": net.proj.state_dict()}, Path(d) / STATE_FILE)
             ckpt = ray.train.Checkpoint.from_directory(d)
             print(f"[raykd] epoch {epoch} step {step} dev " + " ".join(
