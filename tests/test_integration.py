@@ -46,9 +46,9 @@ def test_pipeline_end_to_end_real_teacher(tmp_path, glue_dir):
     teacher_acc = report["tasks"]["sst2"]["teacher"]["accuracy"]
     student_acc = report["tasks"]["sst2"]["student"]["accuracy"]
     assert teacher_acc >= 70, report  # chance is ~50 on SST-2 dev
-    assert 0 <= student_acc <= 100 and report["tasks"]["sst2"]["agreement"] >= 0, report
-    # Known gap (see issue 4 note): at this scale (31 steps per stage) the student stays near
-    # chance; quality is checked by the full-data runs, not here.
+    # 32 steps per stage: the student learns from the cache (72.5 dev, 84.5% agreement when
+    # calibrated; chance is ~50)
+    assert student_acc >= 65 and report["tasks"]["sst2"]["agreement"] >= 70, report
     assert report["student"]["layers"] == 3
     assert (out / "smoke/config.yaml").is_file()
 
