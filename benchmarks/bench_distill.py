@@ -43,10 +43,10 @@ STUDENTS = {"3x384": ["student.layers=3", "student.hidden=384", "student.heads=1
 
 def rate(folder: Path) -> tuple[float, float, float, float]:
     """(examples/s of the last epoch alone: steady state; examples/s over all epochs, the first
-    one's start-up included (first shard read, new shapes); share of the time the loop waited
-    for its next batch; share of the last epoch spent in the teacher's forward (online only))."""
+    one's start-up included (first shard read, new shapes); share of the last epoch the loop
+    waited for its next batch; share of the last epoch spent in the teacher's forward (online only))."""
     m = json.loads((folder / "metrics.json").read_text())
-    return (m["final_epoch_examples_per_s"], m["train_examples_per_s"], m.get("data_wait_fraction", float("nan")),
+    return (m["final_epoch_examples_per_s"], m["train_examples_per_s"], m.get("final_epoch_data_wait_fraction", float("nan")),
             m.get("final_epoch_teacher_forward_fraction", 0.0))
 
 
@@ -119,7 +119,7 @@ def main() -> None:
         print(f"\n== student {name}, {args.rows} SST-2 rows x {args.epochs} epochs, batch 32, bf16, "
               f"last epoch's rate, median of {len(rounds)} rounds ==")
         waits = ", ".join(f"{m} {med[f'{m}_wait'] * 100:.1f}%" for m in ("cached", "none", "online"))
-        print(f"cached distillation : {med['cached']:8.1f} ex/s   (loop waiting for data: {waits})")
+        print(f"cached distillation : {med['cached']:8.1f} ex/s   (loop waiting for data in the last epoch: {waits})")
         print(f"no teacher signal   : {med['none']:8.1f} ex/s   cached/none = {med['cached/none']:.3f}x (target >= 0.9); "
               f"over all {args.epochs} epochs, start-up included: {med['cached/none_all_epochs']:.3f}x")
         print(f"online distillation : {med['online']:8.1f} ex/s   speed-up of cache = {med['speedup']:.2f}x")

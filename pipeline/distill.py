@@ -33,7 +33,7 @@ NONFINITE_FILE = "nonfinite-rank{rank}.txt"  # in the run's Ray Train folder; fi
 CRASH_MARKER = "test_crash.marker"
 CRASH_ENV = "RAYKD_TEST_CRASH_AT_STEP"  # tests only: rank 0 exits once at this step
 # the last epoch's steady-state figures: kept in the checkpoint, added to the run's metrics.json
-LAST_EPOCH_KEYS = ("epoch_examples_per_s", "teacher_forward_fraction")
+LAST_EPOCH_KEYS = ("epoch_examples_per_s", "epoch_data_wait_fraction", "teacher_forward_fraction")
 
 
 class NonFiniteLoss(RuntimeError):
@@ -124,18 +124,25 @@ def train_run(ctx: dict[str, Any], cfg: Config, run: dict[str, Any], ckpt, devic
     last_epoch = _last_epoch(state or {})
 
     def epoch_batches(epoch: int):  # read + collate the next batches while this one trains
+        if epoch >= stage.optim.epochs or step >= total:
+            return None
         return prefetched((task, _collate(table, (run["cache_columns"] or {}).get(task)))  # per task: widths differ
                           for task, table in _train_batches(sources, counts, rank, world, per_worker,
                                                             cfg.data.sampling_alpha, run["seed"] + epoch))
 
-    batches = epoch_batches(start_epoch) if start_epoch < stage.optim.epochs and step < total else None
+    batches = epoch_batches(start_epoch)
     for epoch in range(start_epoch, stage.optim.epochs):
         if step >= total:
             break
         trainee.train()
         log.begin_epoch()
-        timed = log.timed_wait(batches)
-        for task, batch in timed:
+        timed, upcoming = log.timed_wait(batches), None
+        for i, (task, batch) in enumerate(timed):
+            if i == 0:
+                # The next epoch's first read window (the whole epoch, for a small cache) is read
+                # while this epoch trains: started at its end, the loop waited on it, 16% of a
+                # 4,000-row epoch of a 2x192 student. Same batches: its seed is its epoch's.
+                upcoming = epoch_batches(epoch + 1)
             batch = {k: v.to(device) for k, v in batch.items()}
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                 if teacher is not None:
@@ -161,12 +168,12 @@ def train_run(ctx: dict[str, Any], cfg: Config, run: dict[str, Any], ckpt, devic
                 break
         timed.close()
         log.end_epoch()
-        if epoch + 1 < stage.optim.epochs and step < total:
-            batches = epoch_batches(epoch + 1)  # its first window is read while this epoch is evaluated
+        batches = upcoming if upcoming is not None else epoch_batches(epoch + 1)
         losses = log.epoch_losses()
         metrics = _evaluate_rank0(net.model, run, cfg, rank, device, amp, losses)
         metrics |= {"epoch": epoch, "step": step, "train_examples_per_s": log.rate(),
                     "epoch_examples_per_s": log.epoch_rate, "data_wait_fraction": log.wait_fraction(),
+                    "epoch_data_wait_fraction": log.epoch_wait_fraction,
                     "first_step_unix": log.first_step_unix, **losses,
                     **({"teacher_forward_fraction": log.epoch_teacher_fraction} if teacher is not None else {}),
                     "placement_group": _placement_group_id()}
@@ -226,13 +233,14 @@ def _last_epoch(source: dict) -> dict[str, float]:
 
 def _finish_run(out_dir: Path, last_epoch: dict[str, float]) -> None:
     """Rank 0: the best epoch becomes out_dir (model/ + metrics.json) in one rename; its metrics
-    gain the last epoch's own rate (and, online, its share of time in the teacher's forward),
+    gain the last epoch's own rate and data-wait share (and, online, its share of time in the teacher's forward),
     whichever epoch was best (steady state, start-up excluded)."""
     best = _best_dir(out_dir)
     if not (best / "metrics.json").is_file():
         raise RuntimeError(f"{out_dir}: training ended with no evaluated epoch to keep")
     metrics = json.loads((best / "metrics.json").read_text())
     metrics["final_epoch_examples_per_s"] = last_epoch["epoch_examples_per_s"]
+    metrics["final_epoch_data_wait_fraction"] = last_epoch["epoch_data_wait_fraction"]
     if last_epoch["teacher_forward_fraction"]:
         metrics["final_epoch_teacher_forward_fraction"] = last_epoch["teacher_forward_fraction"]
     (best / "metrics.json").write_text(json.dumps(metrics, indent=2))
@@ -357,6 +365,8 @@ class _Progress:
         self.teacher_s = 0.0  # online distillation: time in the teacher's forward
         self.epoch_teacher_fraction = 0.0  # its share of the last finished epoch
         self._epoch_teacher_s = 0.0
+        self.epoch_wait_fraction = 0.0  # share of the last finished epoch spent waiting for data
+        self._epoch_wait_s = 0.0
 
     @contextlib.contextmanager
     def timing_teacher(self, device: torch.device):
@@ -405,12 +415,14 @@ class _Progress:
         self.t_begin = time.perf_counter()
         self._epoch_examples = self.examples
         self._epoch_teacher_s = self.teacher_s
+        self._epoch_wait_s = self.wait_s
 
     def end_epoch(self) -> None:
         spent = time.perf_counter() - self.t_begin
         self.train_s += spent
         self.epoch_rate = (self.examples - self._epoch_examples) / max(spent, 1e-9)
         self.epoch_teacher_fraction = (self.teacher_s - self._epoch_teacher_s) / max(spent, 1e-9)
+        self.epoch_wait_fraction = (self.wait_s - self._epoch_wait_s) / max(spent, 1e-9)
         self.t_begin = None
 
     def _training_s(self) -> float:

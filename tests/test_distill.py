@@ -320,6 +320,8 @@ def test_every_loss_over_two_chained_stages(tiny_teacher, shared_cache, tmp_path
         assert sorted(k[5:] for k in metrics if k.startswith("loss/")) == sorted(losses)
         assert all(math.isfinite(metrics[f"loss/{n}"]) for n in losses)
         assert not {"teacher_forward_fraction", "final_epoch_teacher_forward_fraction"} & set(metrics)  # cached
+        # one epoch: its own data-wait share is the run's
+        assert 0 <= metrics["final_epoch_data_wait_fraction"] == metrics["data_wait_fraction"] < 1
         assert (folder / "model" / "tokenizer.json").is_file()
     # both stages ran in one Ray Train run (one placement group: no second set of processes)
     groups = {json.loads((f / "metrics.json").read_text())["placement_group"] for f in folders}
