@@ -209,27 +209,9 @@ def hidden_mse(s_proj: torch.Tensor, t: torch.Tensor, mask: torch.Tensor) -> tor
             "project the student to the teacher width before calling."
         )
     m = _bool_mask(mask, *t.shape[:2])
-    weight = m.to(torch.float32).div_(m.sum().clamp_min(1) * t.shape[-1]).unsqueeze(-1)  # [B,T,1]
-    return _WeightedSquaredError.apply(s_proj, t.detach(), weight).float()
-
-
-class _WeightedSquaredError(torch.autograd.Function):
-    """Σ w·(s - t)² in float32 (float64 inputs stay float64) with its gradient 2·w·(s - t) by
-    hand (w [B,T,1] broadcast over features). Autograd kept ten elementwise passes over [B,T,D]
-    (upcast, sub, square, sum, mask and their backward). The teacher's t gets no gradient."""
-
-    @staticmethod
-    def forward(ctx, s: torch.Tensor, t: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        diff = s.to(torch.promote_types(s.dtype, torch.float32)) - t  # [B,T,D]
-        weighted = diff * weight
-        ctx.s_dtype = s.dtype
-        ctx.save_for_backward(weighted)
-        return torch.dot(weighted.reshape(-1), diff.reshape(-1))
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        (weighted,) = ctx.saved_tensors
-        return (weighted * (2 * grad)).to(ctx.s_dtype), None, None
+    sq = (_student(s_proj) - t.detach()).float().square().sum(dim=-1)  # [B,T]; a 16-bit t is promoted on the fly
+    n_values = m.sum().clamp_min(1) * t.shape[-1]
+    return (sq * m).sum() / n_values
 
 
 def token_relation_kl(s: torch.Tensor, t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
