@@ -124,25 +124,18 @@ def train_run(ctx: dict[str, Any], cfg: Config, run: dict[str, Any], ckpt, devic
     last_epoch = _last_epoch(state or {})
 
     def epoch_batches(epoch: int):  # read + collate the next batches while this one trains
-        if epoch >= stage.optim.epochs or step >= total:
-            return None
         return prefetched((task, _collate(table, (run["cache_columns"] or {}).get(task)))  # per task: widths differ
                           for task, table in _train_batches(sources, counts, rank, world, per_worker,
                                                             cfg.data.sampling_alpha, run["seed"] + epoch))
 
-    batches = epoch_batches(start_epoch)
+    batches = epoch_batches(start_epoch) if start_epoch < stage.optim.epochs and step < total else None
     for epoch in range(start_epoch, stage.optim.epochs):
         if step >= total:
             break
         trainee.train()
         log.begin_epoch()
-        timed, upcoming = log.timed_wait(batches), None
-        for i, (task, batch) in enumerate(timed):
-            if i == 0:
-                # The next epoch's first read window (the whole epoch, for a small cache) is read
-                # while this epoch trains: started at its end, the loop waited on it, 16% of a
-                # 4,000-row epoch of a 2x192 student. Same batches: its seed is its epoch's.
-                upcoming = epoch_batches(epoch + 1)
+        timed = log.timed_wait(batches)
+        for task, batch in timed:
             batch = {k: v.to(device) for k, v in batch.items()}
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                 if teacher is not None:
@@ -168,7 +161,8 @@ def train_run(ctx: dict[str, Any], cfg: Config, run: dict[str, Any], ckpt, devic
                 break
         timed.close()
         log.end_epoch()
-        batches = upcoming if upcoming is not None else epoch_batches(epoch + 1)
+        if epoch + 1 < stage.optim.epochs and step < total:
+            batches = epoch_batches(epoch + 1)  # its first window is read while this epoch is evaluated
         losses = log.epoch_losses()
         metrics = _evaluate_rank0(net.model, run, cfg, rank, device, amp, losses)
         metrics |= {"epoch": epoch, "step": step, "train_examples_per_s": log.rate(),
@@ -233,8 +227,8 @@ def _last_epoch(source: dict) -> dict[str, float]:
 
 def _finish_run(out_dir: Path, last_epoch: dict[str, float]) -> None:
     """Rank 0: the best epoch becomes out_dir (model/ + metrics.json) in one rename; its metrics
-    gain the last epoch's own rate and data-wait share (and, online, its share of time in the teacher's forward),
-    whichever epoch was best (steady state, start-up excluded)."""
+    gain the last epoch's own rate and data-wait share (and, online, its share of time in the
+    teacher's forward), whichever epoch was best (steady state, start-up excluded)."""
     best = _best_dir(out_dir)
     if not (best / "metrics.json").is_file():
         raise RuntimeError(f"{out_dir}: training ended with no evaluated epoch to keep")
