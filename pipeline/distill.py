@@ -464,7 +464,7 @@ def run_spec(stage: StageConfig, model_spec: dict, tasks: dict[str, dict], sourc
 
 
 def fit_all(cfg: Config, runs: list[dict[str, Any]], experiment: str | Path, *,
-            callbacks: tuple = ()) -> None:
+            callbacks: tuple = (), retries: int = 2) -> None:
     """Train `runs` (from run_spec) in order on one TorchTrainer; each run's best epoch (by
     dev_main) lands in its out_dir as model/ + metrics.json, a folder that appears only when
     that run has finished. Runs finished earlier are skipped.
@@ -475,6 +475,7 @@ def fit_all(cfg: Config, runs: list[dict[str, Any]], experiment: str | Path, *,
     experiment: a folder naming the Ray Train experiment (see train_storage); a rerun with the
     same one resumes the run it stopped in from that run's latest checkpoint.
     callbacks: Ray Train callbacks, e.g. one forwarding each report to Ray Tune (sweeps).
+    retries: worker-group restarts after a failure, each from the latest checkpoint.
     """
     import ray.train
 
@@ -496,7 +497,7 @@ def fit_all(cfg: Config, runs: list[dict[str, Any]], experiment: str | Path, *,
             # the latest checkpoint only, to resume from: each run's best epoch is kept by
             # rank 0 beside its output folder
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
-            failure_config=ray.train.FailureConfig(max_failures=2), callbacks=list(callbacks)),
+            failure_config=ray.train.FailureConfig(max_failures=retries), callbacks=list(callbacks)),
     )
     trainer.fit()  # raises when workers keep failing after max_failures retries
     if reason := _take_nonfinite(storage, cfg.ray.num_workers):

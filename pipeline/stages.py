@@ -76,11 +76,12 @@ def check_stages(cfg: Config, teacher_config) -> None:
 
 
 def distill_student(cfg: Config, teachers_by_task: dict[str, list[Path]], *,
-                    build_cache: bool = False, callbacks: tuple = ()) -> Path:
+                    build_cache: bool = False, callbacks: tuple = (), retries: int = 2) -> Path:
     """Run every stage of cfg.distill; returns the final student folder (model + metrics).
 
     teachers_by_task: the teacher folder(s) (ensemble members) whose outputs each task reads.
     callbacks: Ray Train callbacks passed to every stage's trainer (sweeps forward reports to Tune).
+    retries: Ray Train worker-group restarts after a failure (see distill.fit_all).
     """
     teacher = teachers_by_task[cfg.data.tasks[0]][0]
     t_cfg = AutoConfig.from_pretrained(str(teacher))
@@ -136,7 +137,7 @@ def distill_student(cfg: Config, teachers_by_task: dict[str, list[Path]], *,
                              teacher_width=t_cfg.hidden_size, seed=cfg.run.seed,
                              cache_columns=columns or None, online_teacher=online, heads=heads,
                              label=label))
-    fit_all(cfg, runs, out / "stages", callbacks=callbacks)  # all stages in one Ray Train run
+    fit_all(cfg, runs, out / "stages", callbacks=callbacks, retries=retries)  # all stages in one Ray Train run
     for folder in folders:
         if not (folder / "model" / "tokenizer_config.json").is_file():
             tokenizer.save_pretrained(folder / "model")

@@ -223,7 +223,10 @@ def run_trial(params: dict, setup: TrialSetup) -> None:
     facts = {**measure_student(cfg), "trial_start_unix": start}
     before = count_sets(cfg.cache.root, setup.cache_keys)
     teachers = {t: [Path(p) for p in ps] for t, ps in setup.teachers.items()}
-    final = distill_student(cfg, teachers, build_cache=False, callbacks=(EpochsToTune(facts),))
+    # No Ray Train restarts inside a trial: when ASHA stops it, TrialProgress removes its
+    # placement group, and a controller not yet killed by Tune would read the lost workers as
+    # a failure and start a new group, held until the sweep ends (seen under CI load).
+    final = distill_student(cfg, teachers, build_cache=False, callbacks=(EpochsToTune(facts),), retries=0)
     metrics = json.loads((final / "metrics.json").read_text())
     metrics = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
     written = count_sets(cfg.cache.root, setup.cache_keys) - before
