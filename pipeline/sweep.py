@@ -292,10 +292,10 @@ class TrialProgress(tune.Callback):
         self.ended = 0
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        # A finished trial's Train controller removes its own group, unless Tune ends the trial
-        # first: freeing an already removed group is a no-op, so free it in every case.
-        free_placement_group(trial.last_result.get("placement_group", ""))
-        self._line(trial, "finished" if trial.last_result.get("final") else "stopped early")
+        finished = bool(trial.last_result.get("final"))
+        if not finished:
+            free_placement_group(trial.last_result.get("placement_group", ""))
+        self._line(trial, "finished" if finished else "stopped early")
 
     def on_trial_error(self, iteration, trials, trial, **info):
         free_placement_group(trial.last_result.get("placement_group", ""))
@@ -307,20 +307,6 @@ class TrialProgress(tune.Callback):
         print(f"[raykd sweep] trial {trial.trial_id} {how} after "
               f"{trial.last_result.get('training_iteration', 0)} reports {metric} "
               f"({self.ended} ended in this run)", flush=True)
-
-
-def placement_groups_held(settle_s: float = 10.0) -> int:
-    """Placement groups still holding resources, once removals in flight have settled (a group
-    removed as the last trial ends can still read CREATED for a moment): 0, or the count after
-    `settle_s`."""
-    from ray.util.placement_group import placement_group_table
-
-    deadline = time.time() + settle_s
-    while True:
-        held = sum(pg["state"] == "CREATED" for pg in placement_group_table().values())
-        if held == 0 or time.time() > deadline:
-            return held
-        time.sleep(0.5)
 
 
 def free_placement_group(pg_hex: str) -> None:
@@ -421,6 +407,7 @@ def run_sweep(cfg: Config, *, build_cache: bool = True, address: str = "",
     data.check_available(cfg.data)
     address = init_ray(cfg.ray, address)
     import ray
+    from ray.util.placement_group import placement_group_table
 
     keys, built = prepare_cache(cfg, teachers, quantities, build_cache, config_path)
     check_same_sweep(cfg, dirs["experiment"], results_dir)
@@ -440,7 +427,8 @@ def run_sweep(cfg: Config, *, build_cache: bool = True, address: str = "",
              "teacher_loads_in_trials": count_sets(cfg.cache.root, keys) - sets_before,
              "cache_sets_built_up_front": built, "quantities": quantities, "objectives": goals,
              # 0 when every killed trial's Train workers were freed (see free_placement_group)
-             "placement_groups_held_after": placement_groups_held()}
+             "placement_groups_held_after": sum(pg["state"] == "CREATED"
+                                                for pg in placement_group_table().values())}
     summary, table = summarize(cfg, results, facts, results_dir)
     summary["wall_s"] = time.time() - t0
     print(sweep_results.write_summary(summary, table, cfg.sweep.metric, results_dir), flush=True)
