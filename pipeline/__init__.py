@@ -12,3 +12,7 @@ os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
 # (queue of one) and each run's end waits for that poll: ~2-4 s per training stage, which
 # dominates short stages and tests. A poll is one small RPC per worker.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
+# transformers 5 draws a tqdm bar for every model load ("Loading weights") and save ("Writing
+# model shards"): several per epoch in every worker's log. Our loops print their own progress.
+# Read when huggingface_hub is first imported; set HF_HUB_DISABLE_PROGRESS_BARS=0 to keep them.
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")

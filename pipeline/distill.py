@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -66,6 +67,7 @@ def train_worker(ctx: dict[str, Any]) -> None:
     import ray.train.torch as rtt
 
     cfg: Config = from_dict(Config, ctx["config"])
+    _quiet_train_reports()
     device = rtt.get_device()
     if device.type == "cpu":  # Ray pins fractional-CPU workers to 1 thread; use the node's cores
         torch.set_num_threads(cfg.ray.threads_per_worker or max(
@@ -77,6 +79,16 @@ def train_worker(ctx: dict[str, Any]) -> None:
         if not train_run(ctx, cfg, run, ckpt, device):
             return  # a non-finite loss: fit_all raises it
         ckpt = None  # only the first unfinished run can be the checkpoint's
+
+
+def _quiet_train_reports() -> None:
+    """Ray Train logs every report (its whole metrics dict) and checkpoint at INFO, once per
+    epoch per run; the loop's own epoch line says the same. Warnings and errors still show.
+    Ray 2.60 names the report logger by its file path, not its module."""
+    from ray.train.v2._internal.execution import context, storage
+
+    for name in (context.__file__, storage.__name__):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def train_run(ctx: dict[str, Any], cfg: Config, run: dict[str, Any], ckpt, device) -> bool:
