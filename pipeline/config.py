@@ -285,6 +285,7 @@ class SweepConfig:
     cost_metric: str = "latency_bs1_ms"  # latency_bs1_ms | params: Pareto x-axis; latency_objective minimises it
     reduction_factor: float = 2.0  # ASHA: a trial passes a rung only in the best 1/reduction_factor
     latency_seq_len: int = 64  # tokens per example when timing a student at batch 1
+    max_failures: int = 1  # Tune restarts a failed trial this often; it resumes from its Train checkpoint
 
     def __post_init__(self) -> None:
         _one_of(self.cost_metric, ("latency_bs1_ms", "params"), "cost_metric")
@@ -294,6 +295,7 @@ class SweepConfig:
         _one_of(self.searcher, ("random", "optuna"), "searcher")
         _one_of(self.mode, ("max", "min"), "mode")
         _check(self.num_samples >= 1 and self.max_concurrent >= 0, "num_samples >= 1, max_concurrent >= 0")
+        _check(self.max_failures >= 0, f"max_failures must be >= 0, got {self.max_failures}")
 
 
 @dataclass(frozen=True)

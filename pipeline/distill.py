@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -178,6 +179,9 @@ def train_run(ctx: dict[str, Any], cfg: Config, run: dict[str, Any], ckpt, devic
         losses = log.epoch_losses()
         metrics = _evaluate_rank0(net.model, run, cfg, rank, device, amp, losses)
         metrics |= {"epoch": epoch, "step": step, "train_examples_per_s": log.rate(),
+                    # epochs of this and every earlier run of the fit: a sweep's ASHA time axis,
+                    # which stays right when a retried trial skips its finished stages
+                    "epochs_done": run.get("epochs_before", 0) + epoch + 1,
                     "epoch_examples_per_s": log.epoch_rate, "data_wait_fraction": log.wait_fraction(),
                     "epoch_data_wait_fraction": log.epoch_wait_fraction,
                     "first_step_unix": log.first_step_unix, **losses,
@@ -491,6 +495,8 @@ def fit_all(cfg: Config, runs: list[dict[str, Any]], experiment: str | Path, *,
     """
     import ray.train
 
+    before = itertools.accumulate((r["stage"]["optim"]["epochs"] for r in runs), initial=0)
+    runs = [r | {"epochs_before": b} for r, b in zip(runs, before)]
     pending = [r for r in runs if not finished(r["out_dir"])]
     if not pending:
         return

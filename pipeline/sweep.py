@@ -164,7 +164,9 @@ def trial_concurrency(cfg: Config, resources: dict) -> int:
 
 
 def make_scheduler(cfg: Config, configs: list[Config]):
-    """ASHA on per-epoch reports (training_iteration counts epochs across stages), or FIFO."""
+    """ASHA on per-epoch reports, or FIFO. ASHA's time axis is `epochs_done` (epochs across
+    stages, from the loop), not Tune's training_iteration, which counts reports and starts again
+    at 1 when a failed or interrupted trial is restarted and resumes mid-recipe."""
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     if cfg.sweep.scheduler == "fifo":
@@ -175,7 +177,7 @@ def make_scheduler(cfg: Config, configs: list[Config]):
         raise ConfigError(f"sweep.grace_period={grace} leaves ASHA nothing to stop: trials run "
                           f"{epochs} epochs in all (every stage); lower it or use scheduler=fifo")
     # rungs stay below the last epoch, so a trial that trained to the end is never cut off
-    return ASHAScheduler(time_attr="training_iteration", metric=cfg.sweep.metric,
+    return ASHAScheduler(time_attr="epochs_done", metric=cfg.sweep.metric,
                          mode=cfg.sweep.mode, grace_period=grace, max_t=max(grace, epochs - 1),
                          reduction_factor=cfg.sweep.reduction_factor, stop_last_trials=False)
 
@@ -225,11 +227,14 @@ def run_trial(params: dict, setup: TrialSetup) -> None:
     teachers = {t: [Path(p) for p in ps] for t, ps in setup.teachers.items()}
     # No Ray Train restarts inside a trial: when ASHA stops it, TrialProgress removes its
     # placement group, and a controller not yet killed by Tune would read the lost workers as
-    # a failure and start a new group, held until the sweep ends (seen under CI load).
+    # a failure and start a new group, held until the sweep ends (seen under CI load). A trial
+    # that fails is restarted by Tune instead (sweep.max_failures), from the same checkpoints.
     final = distill_student(cfg, teachers, build_cache=False, callbacks=(EpochsToTune(facts),), retries=0)
     metrics = json.loads((final / "metrics.json").read_text())
     metrics = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
     written = count_sets(cfg.cache.root, setup.cache_keys) - before
+    # metrics.json is the best epoch's; the trial as a whole did every stage's epochs
+    metrics["epochs_done"] = sum(stage.optim.epochs for stage in cfg.distill.stages)
     tune.report({**metrics, **facts, "final": 1, "cache_sets_written": written},
                 checkpoint=tune.Checkpoint.from_directory(str(final)))
 
@@ -246,6 +251,8 @@ def trial_record(result, statuses: dict[str, str], keys: list[str], metric: str,
     row |= {k: (result.config or {}).get(k) for k in keys}
     epochs = hist[hist["final"].isna()] if hist is not None and "final" in hist else hist
     n = 0 if epochs is None else len(epochs)
+    if n and "epochs_done" in epochs:  # a restarted trial reports only the epochs it had left
+        n = int(epochs["epochs_done"].max())
     best = math.nan
     if n and metric in epochs:
         best = epochs[metric].max() if mode == "max" else epochs[metric].min()
@@ -301,11 +308,17 @@ class TrialProgress(tune.Callback):
         free_placement_group(trial.last_result.get("placement_group", ""))
         self._line(trial, "failed")
 
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        """A failed trial that Tune restarts (sweep.max_failures): it resumes from its Ray Train
+        checkpoint, skipping its finished stages."""
+        print(f"[raykd sweep] trial {trial.trial_id} failed after {trial.last_result.get('epochs_done', 0)} "
+              f"epochs; restarting it from its last checkpoint", flush=True)
+
     def _line(self, trial, how: str) -> None:
         self.ended += 1
         metric = {k: v for k, v in trial.last_result.items() if k == "dev_main"}
         print(f"[raykd sweep] trial {trial.trial_id} {how} after "
-              f"{trial.last_result.get('training_iteration', 0)} reports {metric} "
+              f"{trial.last_result.get('epochs_done', 0)} epochs {metric} "
               f"({self.ended} ended in this run)", flush=True)
 
 
@@ -364,7 +377,7 @@ def make_tuner(cfg: Config, dirs: dict, setup: TrialSetup, searcher, scheduler, 
         run_config=tune.RunConfig(name=cfg.run.name, storage_path=dirs["storage"],
                                   callbacks=[TrialProgress(), KeepSchedulerState(scheduler)],
                                   checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-                                  failure_config=tune.FailureConfig(max_failures=0)))
+                                  failure_config=tune.FailureConfig(max_failures=cfg.sweep.max_failures)))
 
 
 def check_same_sweep(cfg: Config, experiment: str, results_dir: Path) -> None:

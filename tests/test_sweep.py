@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 
 from pipeline.config import load, to_dict
 from pipeline.errors import ConfigError
@@ -235,7 +236,7 @@ def test_asha_rungs_survive_a_restore(toy):
     before = make_scheduler(cfg, [cfg])
     good = Trial("run_trial", stub=True, trial_id="good")
     before.on_trial_add(None, good)
-    assert before.on_trial_result(None, good, {"training_iteration": 1, "dev_main": 0.9}) == TrialScheduler.CONTINUE
+    assert before.on_trial_result(None, good, {"epochs_done": 1, "dev_main": 0.9}) == TrialScheduler.CONTINUE
     saved = pickle.loads(pickle.dumps(KeepSchedulerState(before).get_state()))  # to disk and back
 
     for keep_state, expected in ((True, TrialScheduler.STOP), (False, TrialScheduler.CONTINUE)):
@@ -244,7 +245,7 @@ def test_asha_rungs_survive_a_restore(toy):
             KeepSchedulerState(restored).set_state(saved)
         bad = Trial("run_trial", stub=True, trial_id="bad")
         restored.on_trial_add(None, bad)
-        assert restored.on_trial_result(None, bad, {"training_iteration": 1, "dev_main": 0.5}) == expected
+        assert restored.on_trial_result(None, bad, {"epochs_done": 1, "dev_main": 0.5}) == expected
 
 
 # ---------------------------------------------------------------- one real sweep (Ray)
@@ -403,3 +404,29 @@ def test_sweep_on_s3_keeps_state_checkpoints_and_results_in_the_bucket(toy, s3, 
     for folder in (results / "export/best/sst2", tmp_path / "best/sst2"):
         model = AutoModelForSequenceClassification.from_pretrained(folder)
         assert model.config.num_hidden_layers == 1
+
+
+@pytest.mark.timeout(900)  # ~1.5 min: Ray start-up, one 2-epoch trial run twice, a 10 s crash hook
+def test_a_failed_trial_is_restarted_and_resumes_from_its_checkpoint(toy):
+    """sweep.max_failures=1 (the default): the trial's Ray Train worker exits once in its second
+    epoch (test hook; 32 steps per epoch). Trials train with no Ray Train restarts, so the trial
+    fails; Tune restarts it and it resumes from its epoch-0 checkpoint, not from scratch. The
+    table counts its 2 epochs by `epochs_done`, though its second start reported only one."""
+    from pipeline.distill import CRASH_ENV, STATE_FILE
+
+    proc = sweep_cli(toy, 0, "run.name=sweep_retry", "sweep.num_samples=1", "sweep.scheduler=fifo",
+                     creds={CRASH_ENV: "40"})
+    assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])
+    assert "restarting it from its last checkpoint" in proc.stdout, proc.stdout[-3000:]
+    run = toy["root"] / "runs/sweep_retry"
+    table = pd.read_parquet(run / "sweep_results/trials.parquet")
+    assert len(table) == 1 and table["status"].iloc[0] == "finished", table
+    assert table["epochs"].iloc[0] == 2, table
+    trial = run / "sweep_trials" / table["trial_id"].iloc[0]
+    assert len((trial / "starts.log").read_text().splitlines()) == 2  # started, failed, restarted
+    train = next(trial.glob("**/.ray_train/stages_train"))
+    assert (train / "test_crash.marker").is_file()
+    states = [torch.load(p, weights_only=False) for p in train.glob(f"checkpoint_*/{STATE_FILE}")]
+    assert max(s["step"] for s in states) == 64 and {s["start_epoch"] for s in states} == {1}  # resumed
+    history = tune_history(run / "sweep/sweep_retry")[table["trial_id"].iloc[0]]
+    assert [h["epochs_done"] for h in history if not h.get("final")] == [1, 2], history
