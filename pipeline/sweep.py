@@ -390,7 +390,9 @@ def check_same_sweep(cfg: Config, experiment: str, results_dir: Path) -> None:
         saved.write_text(json.dumps(now, indent=2))
         return
     if saved.is_file():
-        before = json.loads(saved.read_text())
+        # through the config class: keys added since the sweep started take their defaults
+        before = {k: v for k, v in to_dict(from_dict(Config, json.loads(saved.read_text()))).items()
+                  if k != "ray"}
         diff = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
         if diff:
             raise ConfigError(f"the sweep {experiment} was started with a different config "

@@ -248,6 +248,25 @@ def test_asha_rungs_survive_a_restore(toy):
         assert restored.on_trial_result(None, bad, {"epochs_done": 1, "dev_main": 0.5}) == expected
 
 
+def test_a_resumed_sweep_must_have_the_same_config_but_may_lack_newer_keys(toy, tmp_path):
+    from pipeline.config import replace
+    from pipeline.sweep import check_same_sweep
+
+    cfg, experiment, results = toy_cfg(toy), tmp_path / "exp", tmp_path / "results"
+    check_same_sweep(cfg, str(experiment), results)  # a new experiment: its config is recorded
+    experiment.mkdir()
+    (experiment / "tuner.pkl").touch()  # what Tuner.can_restore looks for
+    check_same_sweep(cfg, str(experiment), results)
+    with pytest.raises(ConfigError, match=r"different config \(sections \['distill'\]"):
+        check_same_sweep(replace(cfg, {LR_KEY: 0.5}), str(experiment), results)
+    saved = json.loads((results / "sweep_config.json").read_text())
+    del saved["sweep"]["max_failures"]  # recorded by a version without the key: its default holds
+    (results / "sweep_config.json").write_text(json.dumps(saved))
+    check_same_sweep(cfg, str(experiment), results)
+    with pytest.raises(ConfigError, match="sections \\['sweep'\\]"):
+        check_same_sweep(replace(cfg, {"sweep.max_failures": 3}), str(experiment), results)
+
+
 # ---------------------------------------------------------------- one real sweep (Ray)
 
 
