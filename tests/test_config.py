@@ -91,3 +91,20 @@ def test_config_saved_by_an_older_version_still_loads(tmp_path, capsys):
     path.write_text(path.read_text().replace("results:\n  latency_seq_len", "results:\n  latency_seq_lenn"))
     with pytest.raises(ConfigError, match="unknown config key results.latency_seq_lenn"):
         load(path)
+
+
+
+def test_every_job_module_imports_as_itself():
+    """`jobs/__init__` imports the library `pipeline` first; that must not shadow the entry point
+    `jobs.pipeline` (`from jobs import pipeline` once returned the library: the results job broke).
+    A fresh interpreter, since another test may have imported `jobs.pipeline` already."""
+    import subprocess
+    import sys
+    repo = Path(__file__).resolve().parents[1]
+    stems = sorted(p.stem for p in (repo / "jobs").glob("*.py") if p.stem != "__init__")
+    code = ("from jobs import pipeline as p; assert p.__name__ == 'jobs.pipeline', p.__name__\n"
+            "import importlib\n"
+            f"for s in {stems!r}:\n"
+            "    assert importlib.import_module('jobs.' + s).__name__ == 'jobs.' + s, s\n")
+    r = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
