@@ -39,6 +39,7 @@ from pipeline.cache.key import cache_key, check_fields
 from pipeline.cache.reader import _override_hint, plan_sets
 from pipeline.cache.store import CacheError
 from pipeline.config import Config, from_dict, replace, to_dict
+from pipeline.distill import NonFiniteLoss
 from pipeline.errors import ConfigError
 from pipeline.objective import make_plan, teacher_quantities
 from pipeline.ray_runtime import _quiet_ray_data as quiet_ray_data
@@ -229,7 +230,15 @@ def run_trial(params: dict, setup: TrialSetup) -> None:
     # placement group, and a controller not yet killed by Tune would read the lost workers as
     # a failure and start a new group, held until the sweep ends (seen under CI load). A trial
     # that fails is restarted by Tune instead (sweep.max_failures), from the same checkpoints.
-    final = distill_student(cfg, teachers, build_cache=False, callbacks=(EpochsToTune(facts),), retries=0)
+    try:
+        final = distill_student(cfg, teachers, build_cache=False, callbacks=(EpochsToTune(facts),),
+                                retries=0)
+    except NonFiniteLoss as e:  # seeded, so a restart would diverge again: end it, not an error
+        # Tune wants the metric in every result; NaN, and no epochs_done, so ASHA ignores it
+        # and the searcher tells its model this trial was as bad as the worst (sweep_space).
+        tune.report({**facts, cfg.sweep.metric: math.nan, "final": 1, "diverged": 1,
+                     "nonfinite": str(e).splitlines()[0][:300]})
+        return
     metrics = json.loads((final / "metrics.json").read_text())
     metrics = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
     written = count_sets(cfg.cache.root, setup.cache_keys) - before
@@ -251,20 +260,20 @@ def trial_record(result, statuses: dict[str, str], keys: list[str], metric: str,
     row |= {k: (result.config or {}).get(k) for k in keys}
     epochs = hist[hist["final"].isna()] if hist is not None and "final" in hist else hist
     n = 0 if epochs is None else len(epochs)
-    if n and "epochs_done" in epochs:  # a restarted trial reports only the epochs it had left
-        n = int(epochs["epochs_done"].max())
+    if n and "epochs_done" in epochs and epochs["epochs_done"].notna().any():
+        n = int(epochs["epochs_done"].max())  # a restarted trial reports only the epochs it had left
     best = math.nan
     if n and metric in epochs:
         best = epochs[metric].max() if mode == "max" else epochs[metric].min()
-    if status == "TERMINATED":
-        status = "finished" if last.get("final") else "stopped early"  # by the scheduler
+    if status == "TERMINATED":  # diverged: a non-finite loss ended it; stopped early: the scheduler
+        status = "diverged" if last.get("diverged") else "finished" if last.get("final") else "stopped early"
     else:
         status = "error" if status == "ERROR" else "unfinished" if n else "not started"
     row |= {"status": status, metric: best, "epochs": n, "params": last.get("params", math.nan),
             "latency_bs1_ms": last.get("latency_bs1_ms", math.nan),
             "time_s": last.get("time_total_s", math.nan), **_timing(epochs),
             "cache_sets_written": last.get("cache_sets_written", math.nan),
-            "error": str(result.error).splitlines()[0][:300] if result.error else "",
+            "error": str(result.error).splitlines()[0][:300] if result.error else last.get("nonfinite", ""),
             "student": _student_path(result, fetch_dir / trial_id) if status == "finished" else None}
     return row
 
@@ -302,7 +311,8 @@ class TrialProgress(tune.Callback):
         finished = bool(trial.last_result.get("final"))
         if not finished:
             free_placement_group(trial.last_result.get("placement_group", ""))
-        self._line(trial, "finished" if finished else "stopped early")
+        self._line(trial, "diverged" if trial.last_result.get("diverged") else
+                   "finished" if finished else "stopped early")
 
     def on_trial_error(self, iteration, trials, trial, **info):
         free_placement_group(trial.last_result.get("placement_group", ""))
@@ -317,9 +327,10 @@ class TrialProgress(tune.Callback):
     def _line(self, trial, how: str) -> None:
         self.ended += 1
         metric = {k: v for k, v in trial.last_result.items() if k == "dev_main"}
+        why = f": {trial.last_result['nonfinite']}" if how == "diverged" else ""
         print(f"[raykd sweep] trial {trial.trial_id} {how} after "
               f"{trial.last_result.get('epochs_done', 0)} epochs {metric} "
-              f"({self.ended} ended in this run)", flush=True)
+              f"({self.ended} ended in this run){why}", flush=True)
 
 
 def free_placement_group(pg_hex: str) -> None:
@@ -471,7 +482,8 @@ def summarize(cfg: Config, results, facts: dict, results_dir: Path):
                                         cfg.sweep.constraints, tasks, results_dir / "export")
     rejected = results_dir / "rejected.jsonl"
     counts = {k: int((table["status"] == v).sum()) for k, v in
-              (("finished", "finished"), ("stopped_early", "stopped early"), ("errors", "error"))}
+              (("finished", "finished"), ("stopped_early", "stopped early"), ("diverged", "diverged"),
+               ("errors", "error"))}
     summary = {**facts, "trials": len(table), **counts, "space_keys": list(cfg.sweep.space),
                "rejected_draws": len(rejected.read_text().splitlines()) if rejected.is_file() else 0,
                "scheduler": cfg.sweep.scheduler, "searcher": cfg.sweep.searcher, "exports": exports}

@@ -2,7 +2,7 @@
 and the best student under each constraint exported in HF format. No Ray here: the inputs are
 plain per-trial records (see `sweep.trial_record`).
 
-Table columns: trial_id, status (finished | stopped early | error | not started), one column
+Table columns: trial_id, status (finished | stopped early | diverged | error | not started), one column
 per searched key, the sweep metric (best epoch), epochs, params, latency_bs1_ms, time_s,
 startup_s (trial start to the first optimizer step), train_s (first step to last report, per
 stage, summed), cache_sets_written (must be 0), pareto, student (the final student's folder).
@@ -137,7 +137,8 @@ def write_summary(summary: dict, table: pd.DataFrame, metric: str, folder: Path)
     keys = summary["space_keys"]
     cols = ["trial_id", "status", *keys, metric, "epochs", "params", "latency_bs1_ms", "time_s", "pareto"]
     lines = [f"sweep {summary['name']}: {summary['trials']} trials ({summary['finished']} finished, "
-             f"{summary['stopped_early']} stopped early, {summary['errors']} errors) "
+             f"{summary['stopped_early']} stopped early, {summary.get('diverged', 0)} diverged, "
+             f"{summary['errors']} errors) "
              f"in {summary['wall_s']:.0f} s, {summary['concurrency']} at a time",
              f"teacher loads during trials: {summary['teacher_loads_in_trials']} "
              f"(cache shard sets written while trials ran; trials read a weightless teacher view)",

@@ -210,11 +210,15 @@ class ConstrainedSearch(Searcher):
             f.write(json.dumps({"before_trial": trial_id, "config": params, "problems": problems}) + "\n")
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
-        if self.inner and trial_id in self.inner_ids and self._has_metrics(result):
+        if self.inner and trial_id in self.inner_ids and self._has_metrics(result) \
+                and not result.get("diverged"):
             self.inner.on_trial_result(self.inner_ids[trial_id], result)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
-        if self.inner and trial_id in self.inner_ids:
+        if self.inner and trial_id in self.inner_ids and result and result.get("diverged"):
+            # a non-finite loss (its metric is NaN): as bad as the worst, like a rejected draw
+            self.inner.on_trial_complete(self.inner_ids[trial_id], self._penalty())
+        elif self.inner and trial_id in self.inner_ids:
             ok = result is not None and self._has_metrics(result)
             self.inner.on_trial_complete(self.inner_ids[trial_id], result if ok else None, error)
             if ok:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import pickle
 import random
@@ -143,6 +144,25 @@ def test_optuna_multi_objective_learns_from_valid_trials_only(toy, tmp_path):
     told = [v for tid, v in values.items() if tid not in search.inner_ids.values()]
     assert len(told) == len(rejected)  # before any finished trial: far off; then the worst seen
     assert all(v == [-1e6, 1e6] or (v[0] == 50.0 and 1.0 <= v[1] <= 6.0) for v in told), told
+
+
+def test_a_diverged_trial_is_told_to_optuna_as_the_worst_seen(toy, tmp_path):
+    """A trial whose loss went non-finite reports its metric as NaN (Tune wants the key): the
+    searcher tells TPE it was as bad as the worst finished trial, and the NaN stays out of it."""
+    from pipeline.sweep_space import make_searcher
+
+    cfg = toy_cfg(toy, "sweep.searcher=optuna")
+    search = make_searcher(cfg, make_space(cfg), constraints_for(cfg), str(tmp_path / "rej.jsonl"),
+                           [("dev_main", "max")])
+    for i, value in enumerate([60.0, 50.0]):
+        search.suggest(f"t{i}")
+        search.on_trial_complete(f"t{i}", {"dev_main": value})
+    search.suggest("t2")
+    diverged = {"dev_main": math.nan, "final": 1, "diverged": 1, "nonfinite": "step 2: loss nan"}
+    search.on_trial_result("t2", diverged)
+    search.on_trial_complete("t2", diverged)
+    trial = search.inner._ot_study.trials[search.inner._ot_trials[search.inner_ids["t2"]].number]
+    assert trial.values == [50.0] and search.worst == {"dev_main": 50.0}
 
 
 def test_mlkd_relation_splits_must_divide_teacher_heads(toy):
@@ -288,10 +308,14 @@ def sweep_cli(toy: dict, seed: int, *extra: str, popen: bool = False, creds: dic
 def seed_good_then_bad(toy) -> int:
     """A seed whose first two trials take the good, then the bad learning rate: ASHA then has a
     trial to stop before the interruption (and later trials have a rung value to meet)."""
-    cfg = toy_cfg(toy)
+    return seed_drawing(toy_cfg(toy), [GOOD_LR, BAD_LR])
+
+
+def seed_drawing(cfg, lrs: list[float]) -> int:
+    """A seed whose first trials draw these learning rates, in this order."""
     for seed in range(100):
         search = ConstrainedSearch(make_space(cfg), constraints_for(cfg), "dev_main", "max", seed, os.devnull)
-        if [search.suggest(f"t{i}")[LR_KEY] for i in range(2)] == [GOOD_LR, BAD_LR]:
+        if [search.suggest(f"t{i}")[LR_KEY] for i in range(len(lrs))] == lrs:
             return seed
     raise AssertionError("no seed found")
 
@@ -425,27 +449,38 @@ def test_sweep_on_s3_keeps_state_checkpoints_and_results_in_the_bucket(toy, s3, 
         assert model.config.num_hidden_layers == 1
 
 
-@pytest.mark.timeout(900)  # ~1.5 min: Ray start-up, one 2-epoch trial run twice, a 10 s crash hook
-def test_a_failed_trial_is_restarted_and_resumes_from_its_checkpoint(toy):
-    """sweep.max_failures=1 (the default): the trial's Ray Train worker exits once in its second
+DIVERGING_LR = 1.0e30  # step 1 blows the weights up; step 2's loss is not finite
+
+
+@pytest.mark.timeout(900)  # ~2 min: Ray start-up, a 2-epoch trial run twice, a 10 s crash hook, a 2-step trial
+def test_a_failed_trial_is_restarted_and_a_diverged_one_is_not(toy):
+    """sweep.max_failures=1 (the default). Trial 1: its Ray Train worker exits once in its second
     epoch (test hook; 32 steps per epoch). Trials train with no Ray Train restarts, so the trial
     fails; Tune restarts it and it resumes from its epoch-0 checkpoint, not from scratch. The
-    table counts its 2 epochs by `epochs_done`, though its second start reported only one."""
+    table counts its 2 epochs by `epochs_done`, though its second start reported only one.
+    Trial 2 diverges at step 2: seeded, it would again, so it ends as "diverged", not restarted."""
     from pipeline.distill import CRASH_ENV, STATE_FILE
 
-    proc = sweep_cli(toy, 0, "run.name=sweep_retry", "sweep.num_samples=1", "sweep.scheduler=fifo",
-                     creds={CRASH_ENV: "40"})
+    space = f"sweep.space={{{LR_KEY}: [{GOOD_LR:.1e}, {DIVERGING_LR:.1e}]}}"  # YAML floats need the dot
+    cfg = toy_cfg(toy, space)
+    seed = seed_drawing(cfg, [GOOD_LR, DIVERGING_LR])
+    proc = sweep_cli(toy, seed, "run.name=sweep_retry", "sweep.num_samples=2", "sweep.scheduler=fifo",
+                     space, creds={CRASH_ENV: "40"})
     assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])
-    assert "restarting it from its last checkpoint" in proc.stdout, proc.stdout[-3000:]
+    assert proc.stdout.count("restarting it from its last checkpoint") == 1, proc.stdout[-3000:]
     run = toy["root"] / "runs/sweep_retry"
-    table = pd.read_parquet(run / "sweep_results/trials.parquet")
-    assert len(table) == 1 and table["status"].iloc[0] == "finished", table
-    assert table["epochs"].iloc[0] == 2, table
-    trial = run / "sweep_trials" / table["trial_id"].iloc[0]
+    table = pd.read_parquet(run / "sweep_results/trials.parquet").set_index(LR_KEY)
+    assert json.loads((run / "sweep_results/summary.json").read_text())["diverged"] == 1
+    good, bad = table.loc[GOOD_LR], table.loc[DIVERGING_LR]
+    assert (good["status"], good["epochs"]) == ("finished", 2), table
+    assert bad["status"] == "diverged" and "step 2" in bad["error"], table
+
+    trial = run / "sweep_trials" / good["trial_id"]
     assert len((trial / "starts.log").read_text().splitlines()) == 2  # started, failed, restarted
     train = next(trial.glob("**/.ray_train/stages_train"))
     assert (train / "test_crash.marker").is_file()
     states = [torch.load(p, weights_only=False) for p in train.glob(f"checkpoint_*/{STATE_FILE}")]
     assert max(s["step"] for s in states) == 64 and {s["start_epoch"] for s in states} == {1}  # resumed
-    history = tune_history(run / "sweep/sweep_retry")[table["trial_id"].iloc[0]]
+    history = tune_history(run / "sweep/sweep_retry")[good["trial_id"]]
     assert [h["epochs_done"] for h in history if not h.get("final")] == [1, 2], history
+    assert len((run / "sweep_trials" / bad["trial_id"] / "starts.log").read_text().splitlines()) == 1
