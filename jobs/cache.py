@@ -10,6 +10,7 @@ from pipeline.cache import store
 from pipeline.cache.build import ensure_caches, request
 from pipeline.cache.schema import quantities_of
 from pipeline.errors import ConfigError
+from pipeline import data
 from pipeline.data import check_available
 from pipeline.ray_runtime import init_ray
 from pipeline.teacher import run_dir, train_teachers
@@ -56,10 +57,11 @@ def run(cfg, args) -> None:
     save_resolved(cfg, run_dir(cfg))
     check_available(cfg.data)
     init_ray(cfg.ray, args.address)
-    requests = [request(folders, task, split, quantities if split == "train" else ["logits"])
+    splits = ("train", "dev", *([data.AUGMENTED] if cfg.data.augment.copies else []))
+    requests = [request(folders, task, split, ["logits"] if split == "dev" else quantities)
                 for group, folders in train_teachers(cfg).items()
                 for task in (cfg.data.tasks if group in ("multitask", "given") else [group])
-                for split in ("train", "dev")]
+                for split in splits]
     for r, key in zip(requests, ensure_caches(cfg, requests)):  # one cache job per teacher
         print(f"[raykd cache] {r.task}/{r.split}: {key}", flush=True)
 

@@ -37,7 +37,7 @@ def _steps(cfg, args, out, clock: RunClock) -> None:
     dev = [request(folders, task, "dev", ["logits"]) for task, folders in teachers.items()]
     train = cache_requests(cfg, teachers)
     for r in train:
-        print(f"[raykd] cache for {r.task}: {list(r.quantities)}", flush=True)
+        print(f"[raykd] cache for {r.task} ({r.split}): {list(r.quantities)}", flush=True)
     keys = ensure_caches(cfg, dev + train)  # one cache job for all of them
     dev_keys = dict(zip(teachers, keys[:len(dev)]))
     print("[raykd] 3/4 student", flush=True)

@@ -101,6 +101,27 @@ class TaskDecl:
 
 
 @dataclass(frozen=True)
+class AugmentConfig:
+    """Perturbed copies of each training row for stages with `augmented: true` (pipeline/augment.py:
+    Tang et al. 2019's masking, word replacement and n-gram sampling; the teacher labels them)."""
+    copies: int = 0  # copies per training row (0 = off); 2-20 in the papers
+    mask_p: float = 0.1  # per word: replaced by mask_token
+    replace_p: float = 0.1  # per word: replaced by a word drawn from the split's own words
+    ngram_p: float = 0.25  # per text: keep only a random n-gram of it
+    max_ngram: int = 5
+    mask_token: str = "[MASK]"  # the teacher tokenizer's mask token (BERT: [MASK])
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check(self.copies >= 0, f"copies must be >= 0 (0 = off), got {self.copies}")
+        for name in ("mask_p", "replace_p", "ngram_p"):
+            _check(0 <= getattr(self, name) <= 1, f"{name} must be in [0, 1], got {getattr(self, name)}")
+        _check(self.mask_p + self.replace_p <= 1, "mask_p + replace_p must be <= 1")
+        _check(self.max_ngram >= 1, f"max_ngram must be >= 1, got {self.max_ngram}")
+        _check(bool(self.mask_token.strip()), "mask_token must not be empty")
+
+
+@dataclass(frozen=True)
 class DataConfig:
     tasks: tuple[str, ...] = ("sst2",)
     source: str = "auto"  # auto (GLUE folder if found, else HF hub) | glue | hf
@@ -112,6 +133,7 @@ class DataConfig:
     sampling_alpha: float = 1.0  # multi-task batches: p(task) ∝ |D_task|^alpha
     unlabeled_path: str = ""  # text file for task-agnostic distillation ("" = pooled task text)
     custom_tasks: tuple[TaskDecl, ...] = ()
+    augment: AugmentConfig = field(default_factory=AugmentConfig)  # for `augmented: true` stages
 
     def __post_init__(self) -> None:
         _check(len(self.tasks) >= 1, "tasks must list at least one task, e.g. [sst2]")
@@ -221,6 +243,7 @@ class StageConfig:
     losses: dict[str, float] = field(default_factory=lambda: {"kd": 1.0})  # loss -> weight
     tasks: tuple[str, ...] = ()  # tasks this stage trains on (() = all of data.tasks)
     unlabeled: bool = False  # task-agnostic: train on unlabeled text (data.unlabeled_path or pooled)
+    augmented: bool = False  # train on the rows + data.augment copies, teacher-labelled (no gold labels)
     from_stage: str = ""  # start from this earlier stage's student ("" = the previous stage)
     each_task: bool = False  # one copy of this stage per task of data.tasks, named <name>_<task>
     temperature: float = 1.0  # for kd
@@ -243,6 +266,10 @@ class StageConfig:
         label_losses = {"hard", "supcon"} & {k for k, w in self.losses.items() if w > 0}
         _check(not (self.unlabeled and label_losses),
                f"unlabeled stage cannot use label losses {sorted(label_losses)}")
+        _check(not (self.augmented and label_losses),
+               f"augmented stage cannot use label losses {sorted(label_losses)}: its copies have "
+               "no gold labels (use kd, soft_ce, logit_mse or feature losses)")
+        _check(not (self.augmented and self.unlabeled), "a stage is augmented or unlabeled, not both")
 
 
 def _default_stages() -> tuple[StageConfig, ...]:
@@ -344,6 +371,8 @@ class Config:
             extra = set(st.tasks) - set(self.data.tasks)
             _check(not extra, f"distill.stages.{i}.tasks lists {sorted(extra)}, which are not in "
                    f"data.tasks {list(self.data.tasks)}")
+            _check(not st.augmented or self.data.augment.copies >= 1,
+                   f"distill.stages.{i}.augmented needs data.augment.copies >= 1 (e.g. 4)")
         if self.student.arch == "bilstm":
             bad = [n for st in self.distill.stages for n, w in st.losses.items() if w > 0 and n not in
                    ("hard", "kd", "soft_ce", "logit_mse")]

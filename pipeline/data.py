@@ -16,12 +16,14 @@ import pandas as pd
 import pyarrow as pa
 
 from pipeline import glue
+from pipeline.augment import augment_frame
 from pipeline.config import DataConfig
 from pipeline.errors import DataError
 from pipeline.tasks import Task, get_task, make_task
 
 REPO = Path(__file__).resolve().parents[1]
-SPLITS = ("train", "dev")
+AUGMENTED = "train_aug"  # the train split + data.augment copies (pipeline/augment.py)
+SPLITS = ("train", "dev", AUGMENTED)
 UNLABELED = "unlabeled"  # pseudo-task: task-agnostic text (data.unlabeled_path or pooled tasks)
 
 
@@ -91,8 +93,10 @@ def load_frame(cfg: DataConfig, task_name: str, split: str) -> pd.DataFrame:
         raise DataError(f"unknown split {split!r}; use one of {SPLITS}")
     if task_name == UNLABELED:
         if split != "train":
-            raise DataError("unlabeled text has only a train split")
+            raise DataError(f"unlabeled text has only a train split, not {split!r}")
         return load_unlabeled(cfg)
+    if split == AUGMENTED:
+        return augment_frame(load_frame(cfg, task_name, "train"), cfg.augment, task_name)
     task = task_of(cfg, task_name)
     limit = cfg.train_limit if split == "train" else cfg.dev_limit
     kind, where, decl = _split_location(cfg, task_name, split)

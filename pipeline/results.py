@@ -59,7 +59,9 @@ def plan_runs(cfg: Config) -> list[Run]:
                               f"which are not in data.tasks {list(cfg.data.tasks)}")
     base = to_dict(cfg)
     root = runs_dir(cfg)
-    shared = {"ray": base["ray"], "cache": base["cache"], "data": base["data"],
+    # every row reads the same data; augmentation is the recipe's own (a method, not the data)
+    data_keys = {k: v for k, v in base["data"].items() if k != "augment"}
+    shared = {"ray": base["ray"], "cache": base["cache"], "data": data_keys,
               "teacher": {k: base["teacher"][k] for k in ("model", "dropout", "optim")}
               | {"dir": str(root / "teachers")}}
     out = []

@@ -27,27 +27,33 @@ def student_dir(cfg: Config) -> Path:
     return run_dir(cfg) / "student"
 
 
-def cache_for(cfg: Config, teachers: list[Path], task: str, quantities: list[str], build: bool) -> str:
+def train_split(stage) -> str:
+    """The split a stage trains on: the train rows, or them and their augmented copies."""
+    return data.AUGMENTED if stage.augmented else "train"
+
+
+def cache_for(cfg: Config, teachers: list[Path], task: str, split: str, quantities: list[str],
+              build: bool) -> str:
     """Key of the train cache holding `quantities`; built if `build`, else it must exist."""
     if build:
-        return ensure_cache(cfg, teachers, task, "train", quantities)
-    fields, _ = run_fields(cfg, teachers, task, "train")
+        return ensure_cache(cfg, teachers, task, split, quantities)
+    fields, _ = run_fields(cfg, teachers, task, split)
     key = cache_key(fields)
     check_fields(cfg.cache.root, key, fields)
     return key  # reading it (train_data.cache_source) names any missing quantity
 
 
-def cache_needs(cfg: Config, teacher: Path) -> dict[str, list[str]]:
-    """Train-set quantities each task (or unlabeled text) needs over all of the recipe's stages."""
+def cache_needs(cfg: Config, teacher: Path) -> dict[tuple[str, str], list[str]]:
+    """Quantities each (task or unlabeled text, training split) needs over the recipe's stages."""
     if cfg.distill.online:
         return {}
     t_cfg = AutoConfig.from_pretrained(str(teacher))
-    needs: dict[str, list[str]] = {}
+    needs: dict[tuple[str, str], list[str]] = {}
     for stage in cfg.distill.stages:
         quantities = teacher_quantities(make_plan(stage, cfg.student.layers, t_cfg.num_hidden_layers))
         for task in [data.UNLABELED] if stage.unlabeled else (stage.tasks or cfg.data.tasks):
             if quantities:
-                have = needs.setdefault(task, [])
+                have = needs.setdefault((task, train_split(stage)), [])
                 have += [q for q in quantities if q not in have]
     return needs
 
@@ -64,8 +70,8 @@ def cache_requests(cfg: Config, teachers_by_task: dict[str, list[Path]]) -> list
     """Exactly what the recipe's stages read from the train caches, per task (for
     `ensure_caches`, which computes only the missing quantities)."""
     first = teachers_by_task[cfg.data.tasks[0]]
-    return [request(teachers_by_task.get(task, first), task, "train", quantities)
-            for task, quantities in cache_needs(cfg, first[0]).items()]
+    return [request(teachers_by_task.get(task, first), task, split, quantities)
+            for (task, split), quantities in cache_needs(cfg, first[0]).items()]
 
 
 def check_stages(cfg: Config, teacher_config) -> None:
@@ -118,10 +124,10 @@ def distill_student(cfg: Config, teachers_by_task: dict[str, list[Path]], *,
         for task in train_tasks:
             teachers = teachers_by_task.get(task, teachers_by_task[cfg.data.tasks[0]])
             if cfg.distill.online or not quantities:
-                train = data.load_tokenized(cfg.data, task, "train", tokenizer)
+                train = data.load_tokenized(cfg.data, task, train_split(stage), tokenizer)
                 sources[f"train:{task}"] = table_source(train)
             else:
-                key = cache_for(cfg, teachers, task, quantities, build_cache)
+                key = cache_for(cfg, teachers, task, train_split(stage), quantities, build_cache)
                 sources[f"train:{task}"] = source = cache_source(cfg.cache.root, key, quantities)
                 columns[task] = columns_of(source.sets())
             info[task] = {"kind": "unlabeled", "num_outputs": 0, "metric": None}
@@ -131,7 +137,9 @@ def distill_student(cfg: Config, teachers_by_task: dict[str, list[Path]], *,
                 info[task] |= {"kind": t.kind, "num_outputs": t.num_outputs, "metric": t.metrics[0]}
         online = {"kind": "folder", "path": str(teacher)} if cfg.distill.online and quantities else None
         label = f"student stage {i} ({stage.name})"
-        print(f"[raykd] {label} on {train_tasks}: losses {stage.losses}, "
+        print(f"[raykd] {label} on {train_tasks}"
+              f"{f' + {cfg.data.augment.copies} augmented copies per row' if stage.augmented else ''}: "
+              f"losses {stage.losses}, "
               f"{'online teacher' if online else 'cached ' + str(quantities)}", flush=True)
         runs.append(run_spec(stage, start, info, sources, folder, teacher_layers=t_cfg.num_hidden_layers,
                              teacher_width=t_cfg.hidden_size, seed=cfg.run.seed,

@@ -44,7 +44,7 @@ from pipeline.errors import ConfigError
 from pipeline.objective import make_plan, teacher_quantities
 from pipeline.ray_runtime import _quiet_ray_data as quiet_ray_data
 from pipeline.ray_runtime import init_ray
-from pipeline.stages import distill_student
+from pipeline.stages import distill_student, train_split
 from pipeline.sweep_space import Constraints, check_satisfiable, make_searcher, make_space
 from pipeline.teacher import base_model_path, existing_teachers, run_dir, teachers_by_task
 
@@ -113,18 +113,20 @@ def prepare_cache(cfg: Config, teachers: dict[str, list[Path]], quantities: list
     """(train cache keys, shard sets written now): the cache is built here once, never in a trial."""
     if not quantities:
         return (), 0
+    splits = sorted({train_split(st) for st in cfg.distill.stages})  # train; its augmented copies
     if build:  # one cache job for every task's missing quantities
-        keys, missing = plan_caches(cfg, [request(teachers[t], t, "train", quantities) for t in cfg.data.tasks])
+        keys, missing = plan_caches(cfg, [request(teachers[t], t, s, quantities)
+                                          for t in cfg.data.tasks for s in splits])
         return tuple(keys), build_missing(cfg, missing)
-    fields = {t: run_fields(cfg, teachers[t], t, "train")[0] for t in cfg.data.tasks}
+    fields = {(t, s): run_fields(cfg, teachers[t], t, s)[0] for t in cfg.data.tasks for s in splits}
     keys = tuple(cache_key(f) for f in fields.values())
-    for (task, f), key in zip(fields.items(), keys):
+    for ((task, split), f), key in zip(fields.items(), keys):
         try:
             check_fields(cfg.cache.root, key, f)
             plan_sets(cfg.cache.root, key, quantities)
         except CacheError as e:
             raise CacheError(
-                f"the sweep needs the {task}/train cache {key} under {cfg.cache.root} holding "
+                f"the sweep needs the {task}/{split} cache {key} under {cfg.cache.root} holding "
                 f"{quantities} and was told not to build it. {e}. Build it with `python -m jobs.cache "
                 f"--config {config_path} {_override_hint(quantities)}`, or drop --no-build-cache"
             ) from None

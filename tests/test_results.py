@@ -41,6 +41,16 @@ def test_each_task_stage_expands_per_task():
                      ("finetune_rte", ("rte",), "multitask")]
 
 
+def test_rows_share_the_data_but_keep_their_recipes_augmentation(tmp_path):
+    rows = [{"name": "aug", "recipe": "jobs/configs/kd_augmented.yaml"},
+            {"name": "kd", "recipe": "jobs/configs/kd.yaml"}]
+    cfg = load(None, {"results.rows": rows, "run.output_dir": str(tmp_path), "data.train_limit": 77,
+                      "data.tasks": ["sst2"]})
+    aug, kd = plan_runs(cfg)
+    assert aug.cfg.data.train_limit == kd.cfg.data.train_limit == 77  # the table's data
+    assert aug.cfg.data.augment.copies == 4 and kd.cfg.data.augment.copies == 0  # the recipes'
+
+
 def test_bad_rows_fail_before_any_work(tmp_path):
     with pytest.raises(ConfigError, match="results.rows is empty"):
         plan_runs(load(None, [f"run.output_dir={tmp_path}"]))
