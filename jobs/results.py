@@ -8,6 +8,7 @@ of every run and a PNG of average metric vs latency beside it.
 """
 import argparse
 import os
+import shlex
 import sys
 
 from jobs import pipeline as pipeline_job
@@ -32,7 +33,7 @@ def run(cfg, args) -> None:
             pipeline_job.run(absolute_outputs(run_cfg), argparse.Namespace(address=args.address))
         failed = run_all(cfg, run_one, only)
     records = collect(cfg)
-    command = " ".join(["python -m jobs.results", *(a for a in sys.argv[1:] if a != "--table-only")])
+    command = shlex.join(["python", "-m", "jobs.results", *(a for a in sys.argv[1:] if a != "--table-only")])
     write_outputs(cfg, records, summarize(cfg, records), command)
     if failed:
         print(f"error: {len(failed)} run(s) failed: {failed}; rerun the command to retry them", file=sys.stderr)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -97,6 +98,13 @@ def test_results_table_end_to_end_and_resume(tmp_path, glue_dir):
     assert "4 runs, 4 finished earlier, 0 to run" in r2.stdout
     assert "training teacher" not in r2.stdout
     assert (tmp_path / "RESULTS.md").read_text() == table
+
+    # The table's regenerate command is one a shell runs as given (row names have spaces).
+    r3 = subprocess.run([*cmd, "--rows", "no-distill,MKD T", "--table-only"], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=300)
+    assert r3.returncode == 0, r3.stderr[-3000:]
+    line = next(l for l in (tmp_path / "RESULTS.md").read_text().splitlines() if l.startswith("Regenerate"))
+    assert shlex.split(line.split("`")[1]) == ["python", "-m", "jobs.results", *cmd[3:], "--rows", "no-distill,MKD T"]
 
 
 def test_run_clock_sums_a_resumed_runs_invocations(tmp_path):
