@@ -3,6 +3,7 @@ config's checks, and a stage that trains on teacher-labelled copies under real R
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -118,3 +119,15 @@ def test_a_stage_distills_on_teacher_labelled_copies(tiny_teacher, ray_local, gl
     steps = [json.loads((out / f"stage{i}-{s['name']}" / "metrics.json").read_text())["step"]
              for i, s in enumerate(stages)]
     assert steps == [-(-rows[data.AUGMENTED] // 16), 2], steps
+
+
+def test_a_multitask_recipe_caches_each_tasks_rows_and_copies(tiny_teacher, tmp_path):
+    """mkd_augmented.yaml: an augmented multi-task stage before MKD's own; every task needs its
+    teacher logits on the train split and on the augmented one (two caches per task)."""
+    from pipeline.stages import cache_needs
+
+    recipe = Path(__file__).resolve().parents[1] / "jobs/configs/mkd_augmented.yaml"
+    cfg = load(str(recipe), [f"run.output_dir={tmp_path}"])
+    assert cfg.distill.stages[0].augmented and cfg.data.augment.copies == 4
+    needs = cache_needs(cfg, tiny_teacher)
+    assert needs == {(t, s): ["logits"] for t in cfg.data.tasks for s in (data.AUGMENTED, "train")}, needs
