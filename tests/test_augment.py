@@ -3,11 +3,11 @@ config's checks, and a stage that trains on teacher-labelled copies under real R
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import REPO
 
 from pipeline import data
 from pipeline.augment import UNLABELED, augment_frame
@@ -126,8 +126,7 @@ def test_a_multitask_recipe_caches_each_tasks_rows_and_copies(tiny_teacher, tmp_
     teacher logits on the train split and on the augmented one (two caches per task)."""
     from pipeline.stages import cache_needs
 
-    recipe = Path(__file__).resolve().parents[1] / "jobs/configs/mkd_augmented.yaml"
-    cfg = load(str(recipe), [f"run.output_dir={tmp_path}"])
+    cfg = load(str(REPO / "jobs/configs/mkd_augmented.yaml"), [f"run.output_dir={tmp_path}"])
     assert cfg.distill.stages[0].augmented and cfg.data.augment.copies == 4
     needs = cache_needs(cfg, tiny_teacher)
     assert needs == {(t, s): ["logits"] for t in cfg.data.tasks for s in (data.AUGMENTED, "train")}, needs
