@@ -333,16 +333,20 @@ class ResultRow:
     per_task: bool = True  # one run per task (single-task rows) or one run on every task
     # task -> more overrides for that task's runs only (per-task rows), e.g. a task's own lr
     task_overrides: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    # seeds of this row's runs: 0 = results.seeds (per-task rows: that task's count; multi-task
+    # rows: the largest count, so their small tasks show a spread too); n > 0 = n for every task
+    seeds: int = 0
 
     def __post_init__(self) -> None:
         _check(self.per_task or not self.task_overrides,
                f"row {self.name}: task_overrides need per_task: true (one run per task)")
+        _check(self.seeds >= 0, f"row {self.name}: seeds must be >= 0 (0 = results.seeds), got {self.seeds}")
 
 
 @dataclass(frozen=True)
 class ResultsConfig:
     rows: tuple[ResultRow, ...] = ()
-    seeds: dict[str, int] = field(default_factory=dict)  # task -> seeds of per-task rows (default 1)
+    seeds: dict[str, int] = field(default_factory=dict)  # task -> seeds (default 1); see ResultRow.seeds
     output: str = "RESULTS.md"  # the table (markdown); the PNG and CSV go beside it
 
     def __post_init__(self) -> None:

@@ -2,7 +2,8 @@
 teachers (teacher.dir) and caches (cache.root), then one table, CSV and PNG from their reports.
 
 A row is a recipe plus overrides, run once per task and seed (`per_task`, single-task methods)
-or once on all tasks (multi-task methods). A run whose report exists is not recomputed, so
+or once per seed on all tasks (multi-task methods; as many seeds as the task with the most).
+A run whose report exists is not recomputed, so
 rebuilding the table after an interruption or after adding a row only runs what is missing; a
 finished run whose config has changed since (a row's overrides edited) is moved aside and rerun.
 """
@@ -67,8 +68,8 @@ def plan_runs(cfg: Config) -> list[Run]:
     out = []
     for i, row in enumerate(cfg.results.rows):
         recipe = REPO / row.recipe if row.recipe and not Path(row.recipe).is_absolute() else row.recipe
-        groups = ([((t,), s) for t in cfg.data.tasks for s in range(cfg.results.seeds.get(t, 1))]
-                  if row.per_task else [(cfg.data.tasks, 0)])
+        groups = ([((t,), s) for t in cfg.data.tasks for s in range(row_seeds(cfg, row, t))]
+                  if row.per_task else [(cfg.data.tasks, s) for s in range(row_seeds(cfg, row))])
         for tasks, seed in groups:
             name = f"{slug(row.name)}-{tasks[0] if row.per_task else 'all'}-s{seed}"
             sections = shared | {"run": {"name": name, "output_dir": str(root / "runs"), "seed": seed},
@@ -80,6 +81,15 @@ def plan_runs(cfg: Config) -> list[Run]:
                 raise ConfigError(f"results.rows.{i} ({row.name}): {e}") from None
             out.append(Run(row, tuple(tasks), seed, run_cfg))
     return out
+
+
+def row_seeds(cfg: Config, row: ResultRow, task: str | None = None) -> int:
+    """How many seeds a row runs for `task` (per-task rows) or for all tasks (multi-task rows)."""
+    if row.seeds:
+        return row.seeds
+    if task is not None:
+        return cfg.results.seeds.get(task, 1)
+    return max((cfg.results.seeds.get(t, 1) for t in cfg.data.tasks), default=1)
 
 
 def run_all(cfg: Config, pipeline_run: Callable[[Config], None], only: tuple[str, ...] = ()) -> list[str]:
@@ -252,8 +262,9 @@ def render(cfg: Config, rows: list[dict], command: str, png_name: str) -> str:
     lines = ["# Results", "", f"Regenerate (finished runs are reused): `{command}`", "",
              f"Data: GLUE dev sets; train rows capped at {cfg.data.train_limit or 'none'}; max_len "
              f"{cfg.data.max_len}. Teacher: {cfg.teacher.model or 'all-MiniLM-L6-v2 (packaged)'}. "
-             f"Seeds per task: {dict(cfg.results.seeds) or 'one'}; cells with several seeds show "
-             "mean ± std. Latency: bf16 on this machine's CPU, seq_len 64. Teacher rows: the dev "
+             f"Seeds per task: {dict(cfg.results.seeds) or 'one'} (multi-task rows: the largest count, "
+             "each seed one run on all tasks); cells with several seeds show mean ± std. Latency: "
+             "bf16 on this machine's CPU, seq_len 64. Teacher rows: the dev "
              "score of the teacher the runs distilled from. '—' = not run yet.", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
@@ -270,7 +281,7 @@ def render(cfg: Config, rows: list[dict], command: str, png_name: str) -> str:
     for row in cfg.results.rows:
         lines.append(f"- **{row.name}**: recipe `{row.recipe or '(built-in default)'}`"
                      + (f" with `{' '.join(row.overrides)}`" if row.overrides else "")
-                     + (", one run per task and seed" if row.per_task else ", one run on all tasks")
+                     + (", one run per task and seed" if row.per_task else ", one run on all tasks per seed")
                      + "".join(f"; {task} runs also `{' '.join(extra)}`"
                                for task, extra in row.task_overrides.items()))
     root = runs_dir(cfg)

@@ -52,6 +52,22 @@ def test_rows_share_the_data_but_keep_their_recipes_augmentation(tmp_path):
     assert aug.cfg.data.augment.copies == 4 and kd.cfg.data.augment.copies == 0  # the recipes'
 
 
+def test_multitask_rows_run_as_many_seeds_as_the_task_with_the_most(tmp_path):
+    rows = [{"name": "kd", "recipe": "jobs/configs/kd.yaml"},
+            {"name": "mkd", "recipe": "jobs/configs/mkd_transformer.yaml", "per_task": False},
+            {"name": "mkd1", "recipe": "jobs/configs/mkd_transformer.yaml", "per_task": False, "seeds": 1},
+            {"name": "kd2", "recipe": "jobs/configs/kd.yaml", "seeds": 2}]
+    cfg = load(None, {"results.rows": rows, "run.output_dir": str(tmp_path), "data.tasks": ["sst2", "rte"],
+                      "results.seeds": {"rte": 3}})
+    plan = {(r.row.name, r.tasks, r.seed) for r in plan_runs(cfg)}
+    assert plan == {("kd", ("sst2",), 0), *{("kd", ("rte",), s) for s in range(3)},
+                    *{("mkd", ("sst2", "rte"), s) for s in range(3)}, ("mkd1", ("sst2", "rte"), 0),
+                    *{("kd2", (t,), s) for t in ("sst2", "rte") for s in range(2)}}
+    assert {r.cfg.run.seed for r in plan_runs(cfg) if r.row.name == "mkd"} == {0, 1, 2}
+    with pytest.raises(ConfigError, match="seeds must be >= 0"):
+        load(None, {"results.rows": [{"name": "x", "seeds": -1}]})
+
+
 def test_bad_rows_fail_before_any_work(tmp_path):
     with pytest.raises(ConfigError, match="results.rows is empty"):
         plan_runs(load(None, [f"run.output_dir={tmp_path}"]))
@@ -66,7 +82,7 @@ def test_bad_rows_fail_before_any_work(tmp_path):
 def test_results_table_end_to_end_and_resume(tmp_path, glue_dir):
     rows = [{"name": "no-distill", "recipe": "jobs/configs/sst2_nodistill.yaml",
              "overrides": [*SMALL_STUDENT, "distill.stages.0.optim.epochs=1"]},
-            {"name": "MKD T", "recipe": "jobs/configs/mkd_transformer.yaml", "per_task": False,
+            {"name": "MKD T", "recipe": "jobs/configs/mkd_transformer.yaml", "per_task": False, "seeds": 1,
              "overrides": [*SMALL_STUDENT, "distill.stages.0.optim.epochs=1",
                            "distill.stages.1.optim.epochs=1"]}]
     config = results_config(tmp_path, glue_dir, rows, seeds={"sst2": 2})
