@@ -3,9 +3,9 @@ teachers (teacher.dir) and caches (cache.root), then one table, CSV and PNG from
 
 A row is a recipe plus overrides, run once per task and seed (`per_task`, single-task methods)
 or once per seed on all tasks (multi-task methods; as many seeds as the task with the most).
-A run whose report exists is not recomputed, so
-rebuilding the table after an interruption or after adding a row only runs what is missing; a
-finished run whose config has changed since (a row's overrides edited) is moved aside and rerun.
+A run whose report exists is not recomputed, so rebuilding the table after an interruption or
+after adding a row only runs what is missing; a finished run whose config has changed since (a
+row's overrides edited) is moved aside and rerun.
 """
 from __future__ import annotations
 
