@@ -330,7 +330,7 @@ class ResultRow:
     name: str = "row"  # the row label in RESULTS.md
     recipe: str = ""  # a recipe YAML (relative to the repo) or "" for the built-in default
     overrides: tuple[str, ...] = ()  # dotted key=value applied to the recipe
-    per_task: bool = True  # one run per task (single-task rows) or one run on every task
+    per_task: bool = True  # one run per task and seed (single-task rows) or one run on every task per seed
     # task -> more overrides for that task's runs only (per-task rows), e.g. a task's own lr
     task_overrides: dict[str, tuple[str, ...]] = field(default_factory=dict)
     # seeds of this row's runs: 0 = results.seeds (per-task rows: that task's count; multi-task

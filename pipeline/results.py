@@ -68,8 +68,8 @@ def plan_runs(cfg: Config) -> list[Run]:
     out = []
     for i, row in enumerate(cfg.results.rows):
         recipe = REPO / row.recipe if row.recipe and not Path(row.recipe).is_absolute() else row.recipe
-        groups = ([((t,), s) for t in cfg.data.tasks for s in range(row_seeds(cfg, row, t))]
-                  if row.per_task else [(cfg.data.tasks, s) for s in range(row_seeds(cfg, row))])
+        task_groups = [(t,) for t in cfg.data.tasks] if row.per_task else [cfg.data.tasks]
+        groups = [(tasks, s) for tasks in task_groups for s in range(row_seeds(cfg, row, tasks))]
         for tasks, seed in groups:
             name = f"{slug(row.name)}-{tasks[0] if row.per_task else 'all'}-s{seed}"
             sections = shared | {"run": {"name": name, "output_dir": str(root / "runs"), "seed": seed},
@@ -83,13 +83,10 @@ def plan_runs(cfg: Config) -> list[Run]:
     return out
 
 
-def row_seeds(cfg: Config, row: ResultRow, task: str | None = None) -> int:
-    """How many seeds a row runs for `task` (per-task rows) or for all tasks (multi-task rows)."""
-    if row.seeds:
-        return row.seeds
-    if task is not None:
-        return cfg.results.seeds.get(task, 1)
-    return max((cfg.results.seeds.get(t, 1) for t in cfg.data.tasks), default=1)
+def row_seeds(cfg: Config, row: ResultRow, tasks: tuple[str, ...]) -> int:
+    """How many seeds a row runs on `tasks` (one task for per-task rows, all for multi-task rows):
+    the row's own `seeds`, else the largest `results.seeds` count among them."""
+    return row.seeds or max((cfg.results.seeds.get(t, 1) for t in tasks), default=1)
 
 
 def run_all(cfg: Config, pipeline_run: Callable[[Config], None], only: tuple[str, ...] = ()) -> list[str]:
