@@ -2,7 +2,7 @@
 
 1. cache job (Ray Data, teacher actor) vs a plain single-process PyTorch loop running the same
    teacher over the same length-sorted batches in the same dtype (target >= 0.85x);
-   examples/s and the fraction of the machine's measured bf16 matmul peak;
+   examples/s and the fraction of the machine's measured matmul peak (bf16 where native);
 2. bytes per example per quantity, and the MLKD 3-layer spec total vs naive fp32 storage
    padded to max_len (target <= 0.3x with fp16; int8 lower);
 3. read throughput of the cache into padded training batches (the workers' own reader) vs the student's training
@@ -34,14 +34,17 @@ from pipeline.cache.schema import columns_for
 from pipeline.cache.writer import parquet_options
 from pipeline.config import load
 from pipeline.encoder import EncoderClassifier
+from pipeline.evaluate import fast_precision
 from pipeline.ray_runtime import init_ray
 from pipeline.train_data import cache_source, table_batches, worker_batches
 
 MLKD3 = ["logits", "cls", "embeddings", "hidden_2", "hidden_4", "hidden_6", "attn_2", "attn_4", "attn_6"]
 
 
-def bf16_peak_gflops(n: int = 2048, reps: int = 10) -> float:
-    a, b = torch.randn(n, n, dtype=torch.bfloat16), torch.randn(n, n, dtype=torch.bfloat16)
+def peak_gflops(n: int = 2048, reps: int = 10) -> float:
+    """Matmul peak at the precision the jobs run in here (bf16 where native, else fp32)."""
+    dtype = torch.bfloat16 if fast_precision() == "bf16" else torch.float32
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     a @ b
     t0 = time.perf_counter()
     for _ in range(reps):
@@ -108,7 +111,7 @@ def main() -> None:
     lengths = list_lengths(table.column("input_ids"))
     print(f"SST-2 train rows: {len(table)}, mean tokens {lengths.mean():.1f}, max_len {cfg.data.max_len}")
 
-    peak = bf16_peak_gflops()
+    peak = peak_gflops()
     rounds = []  # this shared 2-core VM varies ~10% run to run: pairs, side by side
     for r in range(args.repeat):
         plain, writes = plain_teacher_loop(teacher, table, MLKD3, cfg), 0.0
@@ -128,14 +131,14 @@ def main() -> None:
             store.delete(root, key)
     plain, job, steady = (float(np.median([x[i] for x in rounds])) for i in range(3))
     flops = teacher_flops_per_example(teacher, lengths.mean())
-    print(f"\n== cache job vs plain loop (same teacher, batches, bf16; median of {len(rounds)}) ==")
+    print(f"\n== cache job vs plain loop (same teacher, batches, {fast_precision()}; median of {len(rounds)}) ==")
     print(f"plain PyTorch loop : {plain:8.1f} examples/s")
     print(f"Ray Data cache job : {job:8.1f} examples/s (end to end, incl. start-up and writes)")
     print(f"ratio              : {job / plain:8.3f}x (target >= 0.85x); per round "
           + ", ".join(f"{j / p:.3f}x" for p, j, _ in rounds))
     print(f"shard phase only   : {steady:8.1f} examples/s = {steady / plain:.3f}x (first shard's start to last "
           "shard's marker: leaves out the teacher actor's process start and model load)")
-    print(f"bf16 matmul peak   : {peak:8.1f} GFLOP/s; cache job reaches {job * flops / 1e9 / peak * 100:.1f}%"
+    print(f"{fast_precision()} matmul peak   : {peak:8.1f} GFLOP/s; cache job reaches {job * flops / 1e9 / peak * 100:.1f}%"
           f" of it ({job * flops / 1e9:.1f} GFLOP/s of teacher matmuls)")
 
     sets = plan_sets(root, key, MLKD3)
@@ -171,7 +174,7 @@ def main() -> None:
     read_rate = n / (time.perf_counter() - t0)
     student = args.student_ex_s or measure_student(teacher, table)
     print(f"cache read + collate : {read_rate:8.1f} examples/s (one process)")
-    print(f"student training     : {student:8.1f} examples/s (3 layers x 384, bf16, hard-label step)")
+    print(f"student training     : {student:8.1f} examples/s (3 layers x 384, {fast_precision()}, hard-label step)")
     print(f"ratio                : {read_rate / student:8.1f}x (target >= 10x)")
     json.dump({"plain": plain, "job": job, "steady": steady, "rounds": rounds, "bytes": total_bytes, "naive": naive, "read": read_rate,
                "student": student}, open(Path(root) / "bench.json", "w"))
@@ -186,7 +189,7 @@ def measure_student(teacher: Path, table) -> float:
     t0, n = time.perf_counter(), 0
     for rows in table_batches(table.slice(0, 1600), 0, 1, 32, seed=0):  # the loop's batches
         b = collate_inputs(rows)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=fast_precision() == "bf16"):
             f = student(b["input_ids"], b["attention_mask"], b["token_type_ids"], "sst2")
             loss = torch.nn.functional.cross_entropy(f.logits.float(), b["labels"])
         opt.zero_grad()

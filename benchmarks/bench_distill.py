@@ -31,6 +31,7 @@ from pipeline import data
 from pipeline.batching import collate_inputs
 from pipeline.config import load
 from pipeline.encoder import EncoderClassifier
+from pipeline.evaluate import fast_precision
 from pipeline.objective import make_plan
 from pipeline.ray_runtime import init_ray
 from pipeline.stages import distill_student
@@ -59,7 +60,7 @@ def teacher_forward_rate(teacher: Path, cfg, student_layers: int, rows: int) -> 
     with torch.no_grad():
         for rows_ in table_batches(table.slice(0, rows), 0, 1, 32, cfg.run.seed):  # the loop's batches
             b = collate_inputs(rows_)
-            with torch.autocast("cpu", dtype=torch.bfloat16):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=fast_precision() == "bf16"):
                 model(b["input_ids"], b["attention_mask"], b["token_type_ids"], "sst2", plan.teacher)
             n += len(b["labels"])
     return n / (time.perf_counter() - t0)
@@ -116,7 +117,7 @@ def main() -> None:
                   f"{100 * r['reached_hard_step']:.0f}% of {r['bound_hard_step']:.2f}x", flush=True)
         med = {k: statistics.median(r[k] for r in rounds) for k in rounds[0]}
         results[name] = {"rounds": rounds, "median": med}
-        print(f"\n== student {name}, {args.rows} SST-2 rows x {args.epochs} epochs, batch 32, bf16, "
+        print(f"\n== student {name}, {args.rows} SST-2 rows x {args.epochs} epochs, batch 32, {fast_precision()}, "
               f"last epoch's rate, median of {len(rounds)} rounds ==")
         waits = ", ".join(f"{m} {med[f'{m}_wait'] * 100:.1f}%" for m in ("cached", "none", "online"))
         print(f"cached distillation : {med['cached']:8.1f} ex/s   (loop waiting for data in the last epoch: {waits})")

@@ -18,6 +18,7 @@ from pipeline.cache.build import ensure_cache
 from pipeline.cache.reader import columns_of
 from pipeline.config import StageConfig, load, to_dict
 from pipeline.distill import Trainee, _collate
+from pipeline.evaluate import fast_precision
 from pipeline.objective import build_projections, compute_loss, make_plan, teacher_quantities
 from pipeline.ray_runtime import init_ray
 from pipeline.teacher import base_model_path
@@ -37,7 +38,7 @@ def step_times(cfg, losses: dict[str, float], batches, teacher_layers: int, teac
         n = 0
         for b in batches:
             t0 = time.perf_counter()
-            with torch.autocast("cpu", dtype=torch.bfloat16):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=fast_precision() == "bf16"):
                 feats = model(b["input_ids"], b["attention_mask"], b["token_type_ids"], "sst2", plan.student)
                 t1 = time.perf_counter()
                 with torch.autocast("cpu", enabled=False):  # as the loop: losses in fp32

@@ -17,13 +17,14 @@ from transformers import AutoTokenizer
 from pipeline import data, models
 from pipeline.batching import collate_inputs
 from pipeline.config import load
+from pipeline.evaluate import fast_precision
 from pipeline.ray_runtime import init_ray
 from pipeline.teacher import base_model_path, train_teachers
 from pipeline.train_data import table_batches
 
 
 def plain_loop(cfg, table, batch: int) -> float:
-    """The same work as the Ray loop (hard CE, AdamW fused, warmup/decay, clipping, bf16)."""
+    """The same work as the Ray loop (hard CE, AdamW fused, warmup/decay, clipping, bf16 where native)."""
     base = base_model_path(cfg)
     model = models.build({"kind": "pretrained", "path": base}, {"sst2": 2}).train()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.teacher.optim.lr, weight_decay=0.01, fused=True)
@@ -31,7 +32,7 @@ def plain_loop(cfg, table, batch: int) -> float:
     t0, n = time.perf_counter(), 0
     for rows in table_batches(table, 0, 1, batch, cfg.run.seed):  # the Ray worker's batches
         b = collate_inputs(rows)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=fast_precision() == "bf16"):
             f = model(b["input_ids"], b["attention_mask"], b["token_type_ids"], "sst2")
             loss = torch.nn.functional.cross_entropy(f.logits.float(), b["labels"])
         opt.zero_grad(set_to_none=True)
@@ -58,7 +59,7 @@ def main() -> None:
     folders = train_teachers(cfg)
     import json
     ray_rate = json.loads((folders["sst2"][0] / "metrics.json").read_text())["train_examples_per_s"]
-    print(f"rows={args.rows} batch={args.batch} bf16 autocast, {torch.get_num_threads()} threads")
+    print(f"rows={args.rows} batch={args.batch} {fast_precision()}, {torch.get_num_threads()} threads")
     print(f"plain PyTorch loop : {plain:8.1f} examples/s")
     print(f"Ray Train, 1 worker: {ray_rate:8.1f} examples/s")
     print(f"ratio Ray/plain    : {ray_rate / plain:8.3f}x  (target >= 0.9x)")

@@ -29,7 +29,8 @@ def build_report(cfg: Config, students: dict[str, Path], teachers: dict[str, Pat
         t = data.task_of(cfg.data, task)
         student = models.load_model(students[task] / "model")
         dev = data.load_tokenized(cfg.data, task, "dev", tokenizer)
-        s_out, labels, ids = evaluate.predict(student, dev_batches(dev), task, cpu, amp=True)
+        s_out, labels, ids = evaluate.predict(student, dev_batches(dev), task, cpu,
+                                              amp=evaluate.bf16_supported(cpu))
         cached = read_cache(cfg.cache.root, dev_cache_keys[task], ["logits"])
         t_logits = np.stack(cached.column("logits").to_numpy(zero_copy_only=False))
         order = {int(e): i for i, e in enumerate(cached.column("example_id").to_numpy())}

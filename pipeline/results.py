@@ -170,6 +170,7 @@ def collect(cfg: Config) -> list[dict]:
             continue
         report = json.loads(path.read_text())
         lat = report["latency_ms"]
+        prec = "bf16" if "bs1_bf16_ms" in lat["student"] else "fp32"  # bf16 only where native
         for task in run.tasks:
             r = report["tasks"][task]
             records.append({
@@ -177,9 +178,10 @@ def collect(cfg: Config) -> list[dict]:
                 "student": glue_score(r["student"]), "teacher": glue_score(r["teacher"]),
                 "teacher_path": report["teacher"]["path"], "params": report["student"]["params"],
                 "teacher_params": report["teacher"]["params"],
-                "bs1_ms": lat["student"]["bs1_bf16_ms"], "bs64_ms": lat["student"]["bs64_bf16_ms"],
-                "teacher_bs1_ms": lat["teacher"]["bs1_bf16_ms"],
-                "teacher_bs64_ms": lat["teacher"]["bs64_bf16_ms"],
+                "precision": prec, "bs1_ms": lat["student"][f"bs1_{prec}_ms"],
+                "bs64_ms": lat["student"][f"bs64_{prec}_ms"],
+                "teacher_bs1_ms": lat["teacher"][f"bs1_{prec}_ms"],
+                "teacher_bs64_ms": lat["teacher"][f"bs64_{prec}_ms"],
                 "wall_time_s": report.get("wall_time_s", 0.0) / len(run.tasks),
                 "config": str(run.folder / "config.yaml")})
     return records
@@ -245,13 +247,14 @@ def write_outputs(cfg: Config, records: list[dict], rows: list[dict], command: s
             w.writeheader()
             w.writerows(records)
     png = md.with_suffix(".png")
-    plot(rows, png)
-    md.write_text(render(cfg, rows, command, png.name))
+    precision = " and ".join(sorted({r["precision"] for r in records})) or "bf16 where native, else fp32"
+    plot(rows, png, precision)
+    md.write_text(render(cfg, rows, command, png.name, precision))
     print(md.read_text(), flush=True)
     return md
 
 
-def render(cfg: Config, rows: list[dict], command: str, png_name: str) -> str:
+def render(cfg: Config, rows: list[dict], command: str, png_name: str, precision: str) -> str:
     tasks = cfg.data.tasks
     metric = {t: "/".join(data.task_of(cfg.data, t).metrics) for t in tasks}
     head = ["row", *[f"{t} ({metric[t]})" for t in tasks], "avg", "% teacher", "params (M)",
@@ -261,7 +264,7 @@ def render(cfg: Config, rows: list[dict], command: str, png_name: str) -> str:
              f"{cfg.data.max_len}. Teacher: {cfg.teacher.model or 'all-MiniLM-L6-v2 (packaged)'}. "
              f"Seeds per task: {dict(cfg.results.seeds) or 'one'} (multi-task rows: the largest count, "
              "each seed one run on all tasks); cells with several seeds show mean ± std. Latency: "
-             "bf16 on this machine's CPU, seq_len 64. Teacher rows: the dev "
+             f"{precision} on this machine's CPU, seq_len 64. Teacher rows: the dev "
              "score of the teacher the runs distilled from. '—' = not run yet.", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
@@ -295,7 +298,7 @@ def _f(v: float | None) -> str:
     return "—" if v is None else f"{v:.1f}"
 
 
-def plot(rows: list[dict], path: Path) -> None:
+def plot(rows: list[dict], path: Path, precision: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -307,7 +310,7 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.scatter(r["bs1_ms"], r["avg"], marker="*" if r["teacher"] else "o", s=110 if r["teacher"] else 45,
                    color=colors[i % len(colors)], label=r["name"], edgecolors="black", linewidths=0.3)
     ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=7, frameon=False)
-    ax.set_xlabel("latency at batch 1, bf16 (ms)")
+    ax.set_xlabel(f"latency at batch 1, {precision} (ms)")
     ax.set_ylabel("average GLUE dev metric")
     ax.set_title("every row: average metric vs latency")
     ax.grid(alpha=0.3)

@@ -31,8 +31,10 @@ from pipeline.cache.build import ensure_cache, run_fields
 from pipeline.cache.reader import collate_teacher, columns_of, plan_sets, read_cache
 from pipeline.cache.store import CacheError
 from pipeline.config import load
+from pipeline.evaluate import bf16_supported
 
 REPO = Path(__file__).resolve().parents[1]
+CPU = torch.device("cpu")
 ALL = ["logits", "cls", "embeddings", "hidden_1", "hidden_2", "attn_2", "qkv_2"]
 TOKEN_COLUMNS = ["embeddings", "hidden_1", "hidden_2", "attn_2", "q_2", "k_2", "v_2"]
 WIDTH = 32  # the tiny teacher's hidden size
@@ -171,9 +173,10 @@ def test_round_trip_matches_a_direct_teacher_forward(built, reference):
 
 
 def test_round_trip_matches_the_same_batches_bit_for_bit(built, tiny_teacher):
-    """The writer's batches (16 rows of the length-sorted cache order) under bf16 autocast give
-    the stored values to storage precision: a tight check, also for logits and cls, which
-    hardly vary between examples in a random teacher."""
+    """The writer's batches (16 rows of the length-sorted cache order) at the writer's precision
+    (bf16 autocast where the CPU has native bf16, else fp32) give the stored values to storage
+    precision: a tight check, also for logits and cls, which hardly vary between examples in a
+    random teacher."""
     from pipeline.batching import collate_inputs
     from pipeline.encoder import Capture, EncoderClassifier
 
@@ -185,7 +188,7 @@ def test_round_trip_matches_the_same_batches_bit_for_bit(built, tiny_teacher):
     for start in range(0, len(table), cfg.cache.batch_size):  # shards of 64 = 4 batches of 16
         rows = table.slice(start, cfg.cache.batch_size)
         b = collate_inputs(rows)
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16_supported(CPU)):
             f = model(b["input_ids"], b["attention_mask"], b["token_type_ids"], "sst2", cap)
         q, k, v = f.qkv[2]
         want = {"logits": f.logits, "probs": f.logits.float().softmax(-1), "cls": f.cls,

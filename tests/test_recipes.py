@@ -73,6 +73,7 @@ def test_ensemble_soft_target_is_mean_of_member_probabilities(tmp_path, glue_dir
     from pipeline.cache.build import ensure_cache
     from pipeline.cache.reader import read_cache
     from pipeline.encoder import EncoderClassifier
+    from pipeline.evaluate import bf16_supported
 
     members = [make_tiny_teacher(tmp_path / f"m{i}", {"sst2": 2}, seed=i) for i in range(3)]
     cfg = load(None, [f"cache.root={tmp_path}/cache", f"data.glue_dir={glue_dir}",
@@ -86,7 +87,8 @@ def test_ensemble_soft_target_is_mean_of_member_probabilities(tmp_path, glue_dir
     from transformers import AutoTokenizer
     table = data.load_tokenized(cfg.data, "sst2", "train", AutoTokenizer.from_pretrained(str(members[0])))
     b = collate_inputs(table)
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16,
+                                         enabled=bf16_supported(torch.device("cpu"))):  # as the writer
         direct = [EncoderClassifier.load(m).eval()(b["input_ids"], b["attention_mask"],
                                                    b["token_type_ids"], "sst2").logits.float()
                   for m in members]

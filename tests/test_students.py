@@ -321,3 +321,24 @@ def test_fast_dropout_keeps_torch_semantics():
     assert [type(m) for m in model.modules() if isinstance(m, nn.Dropout)] == [Dropout, Dropout]
     assert [m.p for m in model.modules() if isinstance(m, nn.Dropout)] == [0.3, 0.2]
     assert model.state_dict().keys() == before.keys()
+
+
+# ------------------------------------------------------------------- precision and latency
+
+def test_bf16_only_where_the_cpu_has_it_natively(teacher4):
+    """CPU autocast to bf16 is used (training, caching, evaluation) and timed only on CPUs with
+    native bf16 (AMX or AVX512-BF16): emulated, it is ~100x slower than fp32. The rule follows
+    the kernel's own CPU flags; latency always has fp32 and has bf16 exactly where it is native."""
+    from pipeline.evaluate import bf16_supported, cpu_bf16_native, fast_precision, latency_table
+
+    flags = set()
+    for line in open("/proc/cpuinfo"):
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+            break
+    native = bool({"amx_tile", "avx512_bf16"} & flags)
+    assert cpu_bf16_native() == native == bf16_supported(torch.device("cpu"))
+    assert fast_precision() == ("bf16" if native else "fp32")
+    model = student(teacher4)
+    keys = set(latency_table(model, seq_len=8, task="sst2", batch_sizes=(1,), min_time_s=0.01))
+    assert keys == {"bs1_fp32_ms"} | ({"bs1_bf16_ms"} if native else set()), keys
