@@ -65,7 +65,7 @@ def plain_teacher_loop(teacher: Path, table, quantities, cfg, write_to: str = ""
     t0 = time.perf_counter()
     for start in range(0, len(sorted_table), cfg.cache.rows_per_shard):
         out = teacher_columns([model], sorted_table.slice(start, cfg.cache.rows_per_shard), "sst2", cols,
-                              cfg.cache.batch_size, torch.device("cpu"), True)
+                              cfg.cache.batch_size, torch.device("cpu"), fast_precision() == "bf16")
         if write_to:
             pq.write_table(out, f"{write_to}/shard-{start:08d}.parquet", **parquet_options(out))
     if write_to:
