@@ -11,13 +11,11 @@ from __future__ import annotations
 import argparse
 import statistics
 
-import torch
-
 from benchmarks.bench_distill import STUDENTS
 from pipeline import models
 from pipeline.config import load
 from pipeline.encoder import EncoderClassifier
-from pipeline.evaluate import bf16_supported, latency
+from pipeline.evaluate import amp_choices, latency
 
 
 def main() -> None:
@@ -37,8 +35,7 @@ def main() -> None:
     for name in args.students.split(","):
         cfg = load(None, STUDENTS[name])
         nets[name] = models.transformer_student(cfg.student, args.teacher, dict(teacher.tasks))
-    precisions = (True, False) if bf16_supported(torch.device("cpu")) else (False,)  # emulated: ~100x slower
-    settings = [(bs, amp) for bs in (1, 64) for amp in precisions]
+    settings = [(bs, amp) for bs in (1, 64) for amp in amp_choices()]  # emulated bf16: ~100x slower
     ms: dict[tuple, list[float]] = {}
     for r in range(args.rounds):
         for bs, amp in settings:

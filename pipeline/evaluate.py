@@ -28,6 +28,11 @@ def bf16_supported(device: torch.device) -> bool:
     return device.type == "cpu" and cpu_bf16_native()
 
 
+def amp_choices(device: torch.device = torch.device("cpu")) -> tuple[bool, ...]:
+    """Autocast settings worth timing here: bf16 and fp32 where bf16 is native, else fp32 only."""
+    return (True, False) if bf16_supported(device) else (False,)
+
+
 def fast_precision(device: torch.device = torch.device("cpu")) -> str:
     """The precision inference runs in here: "bf16" where it is native, else "fp32"."""
     return "bf16" if bf16_supported(device) else "fp32"
@@ -102,7 +107,7 @@ def latency_table(model: nn.Module, seq_len: int, task: str | None = None,
     "bs1_bf16_ms": ..., ...}. Emulated bf16 is left out: ~100x slower, nobody would serve it."""
     out = {}
     for bs in batch_sizes:
-        for amp in (True, False)[0 if bf16_supported(torch.device("cpu")) else 1:]:
+        for amp in amp_choices():
             r = latency(model, seq_len, bs, amp, task, min_time_s=min_time_s)
             out[f"bs{bs}_{'bf16' if amp else 'fp32'}_ms"] = r["ms"]
     return out
