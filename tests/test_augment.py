@@ -130,3 +130,22 @@ def test_a_multitask_recipe_caches_each_tasks_rows_and_copies(tiny_teacher, tmp_
     assert cfg.distill.stages[0].augmented and cfg.data.augment.copies == 4
     needs = cache_needs(cfg, tiny_teacher)
     assert needs == {(t, s): ["logits"] for t in cfg.data.tasks for s in (data.AUGMENTED, "train")}, needs
+
+
+def test_mlkd_augmented_caches_features_for_the_copies_and_predictions_for_the_rows(tmp_path):
+    """mlkd_augmented.yaml: the feature stage reads the teacher's embeddings, attention outputs
+    and hidden states of the mapped layers on rows + copies; the prediction stage its [CLS]
+    vectors and logits on the labelled rows only. Head counts 6 and 3 need the same cache."""
+    from conftest import make_tiny_teacher
+    from pipeline.stages import cache_needs
+
+    teacher = make_tiny_teacher(tmp_path / "t6", {"sst2": 2}, layers=6, hidden=48, heads=12)
+    for heads in (12, 6, 3):
+        cfg = load(str(REPO / "jobs/configs/mlkd_augmented.yaml"),
+                   [f"run.output_dir={tmp_path}", f"student.heads={heads}"])
+        assert cfg.distill.stages[0].augmented and not cfg.distill.stages[1].augmented
+        needs = cache_needs(cfg, teacher)
+        assert set(needs) == {("sst2", data.AUGMENTED), ("sst2", "train")}, needs
+        assert sorted(needs[("sst2", data.AUGMENTED)]) == [
+            "attn_2", "attn_4", "attn_6", "embeddings", "hidden_2", "hidden_4", "hidden_6"], needs
+        assert sorted(needs[("sst2", "train")]) == ["cls", "logits"], needs
