@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import REPO
+from conftest import REPO, make_tiny_teacher
 
 from pipeline import data
 from pipeline.augment import UNLABELED, augment_frame
@@ -16,7 +16,7 @@ from pipeline.cache.build import run_fields
 from pipeline.cache.key import cache_key
 from pipeline.config import AugmentConfig, load
 from pipeline.errors import ConfigError
-from pipeline.stages import distill_student, required_quantities
+from pipeline.stages import cache_needs, distill_student, required_quantities
 
 WORDS = "the quick brown fox jumps over the lazy dog near a quiet river bank today".split()
 
@@ -124,8 +124,6 @@ def test_a_stage_distills_on_teacher_labelled_copies(tiny_teacher, ray_local, gl
 def test_a_multitask_recipe_caches_each_tasks_rows_and_copies(tiny_teacher, tmp_path):
     """mkd_augmented.yaml: an augmented multi-task stage before MKD's own; every task needs its
     teacher logits on the train split and on the augmented one (two caches per task)."""
-    from pipeline.stages import cache_needs
-
     cfg = load(str(REPO / "jobs/configs/mkd_augmented.yaml"), [f"run.output_dir={tmp_path}"])
     assert cfg.distill.stages[0].augmented and cfg.data.augment.copies == 4
     needs = cache_needs(cfg, tiny_teacher)
@@ -136,9 +134,6 @@ def test_mlkd_augmented_caches_features_for_the_copies_and_predictions_for_the_r
     """mlkd_augmented.yaml: the feature stage reads the teacher's embeddings, attention outputs
     and hidden states of the mapped layers on rows + copies; the prediction stage its [CLS]
     vectors and logits on the labelled rows only. Head counts 6 and 3 need the same cache."""
-    from conftest import make_tiny_teacher
-    from pipeline.stages import cache_needs
-
     teacher = make_tiny_teacher(tmp_path / "t6", {"sst2": 2}, layers=6, hidden=48, heads=12)
     for heads in (12, 6, 3):
         cfg = load(str(REPO / "jobs/configs/mlkd_augmented.yaml"),
