@@ -144,3 +144,18 @@ def test_mlkd_augmented_caches_features_for_the_copies_and_predictions_for_the_r
         assert sorted(needs[("sst2", data.AUGMENTED)]) == [
             "attn_2", "attn_4", "attn_6", "embeddings", "hidden_2", "hidden_4", "hidden_6"], needs
         assert sorted(needs[("sst2", "train")]) == ["cls", "logits"], needs
+
+
+def test_mlkd_augmented_predictions_caches_cls_and_logits_for_the_copies_too(tmp_path):
+    """mlkd_augmented_predictions.yaml: its middle stage distills sample relations and soft logits
+    on rows + copies, so the copies' cache gains [CLS] and logits beside the features; the last
+    stage (supervised contrastive needs gold labels) reads the labelled rows only."""
+    teacher = make_tiny_teacher(tmp_path / "t6", {"sst2": 2}, layers=6, hidden=48, heads=12)
+    cfg = load(str(REPO / "jobs/configs/mlkd_augmented_predictions.yaml"), [f"run.output_dir={tmp_path}"])
+    assert [s.augmented for s in cfg.distill.stages] == [True, True, False]
+    assert "supcon" not in cfg.distill.stages[1].losses and "supcon" in cfg.distill.stages[2].losses
+    needs = cache_needs(cfg, teacher)
+    assert set(needs) == {("sst2", data.AUGMENTED), ("sst2", "train")}, needs
+    assert sorted(needs[("sst2", data.AUGMENTED)]) == [
+        "attn_2", "attn_4", "attn_6", "cls", "embeddings", "hidden_2", "hidden_4", "hidden_6", "logits"], needs
+    assert sorted(needs[("sst2", "train")]) == ["cls", "logits"], needs
