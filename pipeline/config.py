@@ -1,13 +1,13 @@
 """One typed config for every job.
 
-`load(yaml_path, overrides)` is the only way a `Config` is built: a YAML recipe, then dotted
+`load(yaml_path, overrides)` is the only way a `Config` is built: a YAML recipe (which may start
+from a `base:` recipe, pipeline/recipe_file.py), then dotted
 overrides (`teacher.optim.lr=3e-5`, `distill.stages.0.epochs=2`), the same path Ray Tune uses
 for its search space. The dataclass field is the only default. Unknown keys and wrong types are
 errors that name the key and suggest the closest valid one.
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import difflib
 import sys
@@ -19,6 +19,7 @@ from typing import Any, Mapping, Sequence
 import yaml
 
 from pipeline.errors import ConfigError
+from pipeline.recipe_file import base_chain, merge_overrides, merge_sections, read_recipe
 
 LOSS_NAMES = (
     "hard", "kd", "soft_ce", "logit_mse", "hidden_mse", "emb_relation", "mha_relation",
@@ -494,80 +495,19 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return plain(dataclasses.asdict(cfg))
 
 
-def _parse_override(item: str) -> tuple[str, Any]:
-    if "=" not in item:
-        raise ConfigError(f"override {item!r} must look like key=value, e.g. teacher.optim.lr=3e-5")
-    key, raw = item.split("=", 1)
-    return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
-
-
-def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
-    parts = key.split(".")
-    node: Any = tree
-    for i, part in enumerate(parts[:-1]):
-        if isinstance(node, list):
-            if not part.isdigit() or int(part) >= len(node):
-                raise ConfigError(f"override {key}: index {part} out of range (list has {len(node)})")
-            node = node[int(part)]
-        else:
-            node = node.setdefault(part, {})
-        if not isinstance(node, (dict, list)):
-            raise ConfigError(f"override {key}: {'.'.join(parts[: i + 1])} is not a section")
-    last = parts[-1]
-    if isinstance(node, list):
-        if not last.isdigit() or int(last) >= len(node):
-            raise ConfigError(f"override {key}: index {last} out of range (list has {len(node)})")
-        node[int(last)] = value
-    else:
-        node[last] = value
-
-
-def _merge_sections(cls: type, base: dict[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
-    """Merge `new` into `base` recursively for dataclass sections; other values are replaced."""
-    hints = typing.get_type_hints(cls)
-    out = dict(base)
-    for key, value in new.items():
-        tp = hints.get(key)
-        if tp is not None and dataclasses.is_dataclass(tp) and isinstance(value, Mapping):
-            out[key] = _merge_sections(tp, out.get(key) or {}, value)
-        else:
-            out[key] = value
-    return out
-
-
-def merge_overrides(tree: Mapping[str, Any], overrides: Sequence[str] | Mapping[str, Any]) -> dict:
-    """Apply dotted overrides (`a.b=1` strings or a {dotted: value} mapping) to a nested dict."""
-    out = copy.deepcopy(dict(tree))
-    items = overrides.items() if isinstance(overrides, Mapping) else map(_parse_override, overrides)
-    for key, value in items:
-        _set_dotted(out, key, value)
-    return out
-
-
-def read_yaml(path: str | Path) -> dict[str, Any]:
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"config file {p} not found")
-    try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {p} must hold a mapping at the top level")
-    return data
-
-
 def load(path: str | Path | None = None,
          overrides: Sequence[str] | Mapping[str, Any] = (), sections: Mapping[str, Any] | None = None
          ) -> Config:
     """YAML recipe (optional), then `sections` (a nested partial config laid over it), then
     dotted overrides -> validated `Config`."""
-    tree = _merge_sections(Config, to_dict(Config()), read_yaml(path) if path else {})
-    tree = merge_overrides(_merge_sections(Config, tree, sections or {}), overrides)
+    recipe = read_recipe(path, Config, StageConfig) if path else {}
+    tree = merge_overrides(merge_sections(Config, merge_sections(Config, to_dict(Config()), recipe),
+                                          sections or {}), overrides)
     try:
         return from_dict(Config, tree)
     except ConfigError as e:
-        raise ConfigError(f"{path}: {e}" if path else str(e)) from None
+        where = f"{path} (based on {', '.join(map(str, bases))})" if path and (bases := base_chain(path)) else path
+        raise ConfigError(f"{where}: {e}" if path else str(e)) from None
 
 
 def replace(cfg: Config, overrides: Sequence[str] | Mapping[str, Any]) -> Config:

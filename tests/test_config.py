@@ -1,4 +1,5 @@
-"""Typed config: YAML + dotted overrides, errors that name the key, round trips."""
+"""Typed config: YAML + dotted overrides, recipe bases, errors that name the key, round trips."""
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -78,6 +79,60 @@ def test_stage_needs_a_positive_weight():
 @pytest.mark.parametrize("recipe", sorted((REPO / "jobs/configs").glob("*.yaml")))
 def test_shipped_recipes_load(recipe):
     load(recipe)
+
+
+def test_recipe_starts_from_a_base_and_takes_its_stages_by_name(tmp_path):
+    """`base:` merges sections over another recipe; `like:` copies a base stage and changes keys
+    (optim key by key, losses whole); the saved config is complete, with neither key left."""
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "a.yaml").write_text(
+        "data: {tasks: [mrpc], max_len: 64}\nstudent: {layers: 2}\ndistill:\n  stages:\n"
+        "    - {name: features, losses: {hidden_mse: 1.0}, optim: {epochs: 2, lr: 1.0e-4}}\n"
+        "    - {name: predictions, losses: {kd: 1.0, hard: 1.0}, temperature: 2.0}\n")
+    (tmp_path / "sub/b.yaml").write_text(
+        "base: ../a.yaml\ndata: {max_len: 32}\ndistill:\n  stages:\n"
+        "    - {like: features, optim: {epochs: 1}}\n"
+        "    - {like: predictions, name: soft, losses: {kd: 1.0}}\n")
+    (tmp_path / "c.yaml").write_text("base: sub/b.yaml\nstudent: {layers: 3}\n")
+    cfg = load(tmp_path / "c.yaml", ["distill.stages.1.temperature=4"])
+    assert cfg.data.tasks == ("mrpc",) and cfg.data.max_len == 32 and cfg.student.layers == 3
+    features, soft = cfg.distill.stages
+    assert (features.name, features.optim.epochs, features.optim.lr) == ("features", 1, 1e-4)
+    assert features.losses == {"hidden_mse": 1.0}
+    assert (soft.name, soft.losses, soft.temperature) == ("soft", {"kd": 1.0}, 4.0)
+    save(cfg, tmp_path / "saved.yaml")
+    text = (tmp_path / "saved.yaml").read_text()
+    assert "base:" not in text and "like:" not in text and load(tmp_path / "saved.yaml") == cfg
+
+
+@pytest.mark.parametrize("files, words", [
+    ({"r.yaml": "base: nothere.yaml\n"}, ["r.yaml", "base recipe nothere.yaml not found"]),
+    ({"r.yaml": "base: s.yaml\n", "s.yaml": "base: r.yaml\n"}, ["loops", "r.yaml -> ", "s.yaml"]),
+    ({"r.yaml": "distill: {stages: [{like: kd}]}\n"}, ["distill.stages.0.like='kd' needs a base"]),
+    ({"r.yaml": "base: s.yaml\ndistill: {stages: [{losses: {kd: 1}}, {like: featurs}]}\n",
+      "s.yaml": "distill: {stages: [{name: features, losses: {hidden_mse: 1}}]}\n"},
+     ["r.yaml: distill.stages.1.like", "no stage 'featurs'", "['features']"]),
+    ({"r.yaml": "base: s.yaml\n", "s.yaml": "student: {layrs: 2}\n"},
+     ["r.yaml (based on ", "s.yaml)", "unknown config key student.layrs", "did you mean student.layers"]),
+    ({"r.yaml": "base: [a.yaml]\n"}, ["base must be a recipe file name"]),
+])
+def test_bad_recipe_bases_name_the_file_and_key(tmp_path, files, words):
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    with pytest.raises(ConfigError) as e:
+        load(tmp_path / "r.yaml")
+    for w in words:
+        assert w in str(e.value)
+
+
+def test_augmented_recipes_keep_their_bases_stages():
+    """The shipped recipes built on a base differ from it only where they say so."""
+    mlkd, aug = load(REPO / "jobs/configs/mlkd.yaml"), load(REPO / "jobs/configs/mlkd_augmented.yaml")
+    assert aug.distill.stages[1] == mlkd.distill.stages[1] and aug.data.augment.copies == 4
+    assert aug.distill.stages[0] == dataclasses.replace(
+        mlkd.distill.stages[0], augmented=True, optim=dataclasses.replace(mlkd.distill.stages[0].optim, epochs=1))
+    mkd, mkd_aug = (load(REPO / "jobs/configs" / f) for f in ("mkd_transformer.yaml", "mkd_augmented.yaml"))
+    assert mkd_aug.distill.stages[1:] == mkd.distill.stages and mkd_aug.teacher == mkd.teacher
 
 
 def test_config_saved_by_an_older_version_still_loads(tmp_path, capsys):
