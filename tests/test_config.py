@@ -133,6 +133,9 @@ def test_augmented_recipes_keep_their_bases_stages():
         mlkd.distill.stages[0], augmented=True, optim=dataclasses.replace(mlkd.distill.stages[0].optim, epochs=1))
     mkd, mkd_aug = (load(REPO / "jobs/configs" / f) for f in ("mkd_transformer.yaml", "mkd_augmented.yaml"))
     assert mkd_aug.distill.stages[1:] == mkd.distill.stages and mkd_aug.teacher == mkd.teacher
+    init = load(REPO / "jobs/configs/mkd_augmented_teacher_init.yaml")
+    assert init.student == dataclasses.replace(mkd_aug.student, init_from="teacher")
+    assert (init.distill, init.data) == (mkd_aug.distill, mkd_aug.data)
 
 
 def test_config_saved_by_an_older_version_still_loads(tmp_path, capsys):
