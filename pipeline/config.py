@@ -19,7 +19,7 @@ from typing import Any, Mapping, Sequence
 import yaml
 
 from pipeline.errors import ConfigError
-from pipeline.recipe_file import base_chain, merge_overrides, merge_sections, read_recipe
+from pipeline.recipe_file import merge_overrides, merge_sections, read_recipe
 
 LOSS_NAMES = (
     "hard", "kd", "soft_ce", "logit_mse", "hidden_mse", "emb_relation", "mha_relation",
@@ -500,13 +500,13 @@ def load(path: str | Path | None = None,
          ) -> Config:
     """YAML recipe (optional), then `sections` (a nested partial config laid over it), then
     dotted overrides -> validated `Config`."""
-    recipe = read_recipe(path, Config, StageConfig) if path else {}
+    recipe, bases = read_recipe(path, Config, StageConfig) if path else ({}, [])
     tree = merge_overrides(merge_sections(Config, merge_sections(Config, to_dict(Config()), recipe),
                                           sections or {}), overrides)
     try:
         return from_dict(Config, tree)
     except ConfigError as e:
-        where = f"{path} (based on {', '.join(map(str, bases))})" if path and (bases := base_chain(path)) else path
+        where = f"{path} (based on {', '.join(map(str, bases))})" if bases else path
         raise ConfigError(f"{where}: {e}" if path else str(e)) from None
 
 

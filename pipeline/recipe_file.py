@@ -42,8 +42,9 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 
 
 def read_recipe(path: str | Path, config_cls: type, stage_cls: type,
-                _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
-    """The partial config tree of a recipe file, with its `base:` chain and `like:` stages resolved."""
+                _chain: tuple[Path, ...] = ()) -> tuple[dict[str, Any], list[Path]]:
+    """The partial config tree of a recipe file, with its `base:` chain and `like:` stages
+    resolved, and the base recipes it builds on, nearest first (for error messages)."""
     p = Path(path).resolve()
     if p in _chain:
         raise ConfigError("recipe base chain loops: " + " -> ".join(str(c) for c in (*_chain, p)))
@@ -51,10 +52,13 @@ def read_recipe(path: str | Path, config_cls: type, stage_cls: type,
     base_name = tree.pop("base", None)
     if base_name is None:
         base: dict[str, Any] = {}
+        bases: list[Path] = []
     elif isinstance(base_name, str) and base_name:
-        if not (p.parent / base_name).is_file():
-            raise ConfigError(f"{p}: base recipe {base_name} not found (looked for {p.parent / base_name})")
-        base = read_recipe(p.parent / base_name, config_cls, stage_cls, (*_chain, p))
+        base_path = (p.parent / base_name).resolve()
+        if not base_path.is_file():
+            raise ConfigError(f"{p}: base recipe {base_name} not found (looked for {base_path})")
+        base, further = read_recipe(base_path, config_cls, stage_cls, (*_chain, p))
+        bases = [base_path, *further]
     else:
         raise ConfigError(f"{p}: base must be a recipe file name (e.g. base: mlkd.yaml), got {base_name!r}")
     distill = tree.get("distill")
@@ -62,16 +66,7 @@ def read_recipe(path: str | Path, config_cls: type, stage_cls: type,
         base_stages = (base.get("distill") or {}).get("stages") or []
         distill["stages"] = [_resolve_stage(s, i, base_stages, stage_cls, p, base_name)
                              for i, s in enumerate(distill["stages"])]
-    return merge_sections(config_cls, base, tree)
-
-
-def base_chain(path: str | Path) -> list[Path]:
-    """The base recipes `path` builds on, nearest first (for error messages)."""
-    chain, p = [], Path(path).resolve()
-    while isinstance(base := read_yaml(p).get("base"), str) and p not in chain[:-1]:
-        p = (p.parent / base).resolve()
-        chain.append(p)
-    return chain
+    return merge_sections(config_cls, base, tree), bases
 
 
 def _resolve_stage(entry: Any, i: int, base_stages: list, stage_cls: type, path: Path,

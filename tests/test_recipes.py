@@ -23,7 +23,8 @@ TINY = ["data.train_limit=48", "data.dev_limit=24", "data.max_len=32", "teacher.
 def run_recipe(recipe: str, tmp_path: Path, glue_dir: Path, *extra: str) -> dict:
     base = make_tiny_teacher(tmp_path / "base", {"sst2": 2})
     cfg = load(REPO / "jobs/configs" / recipe, [e for e in extra if e.startswith("data.tasks=")])
-    stages = len(read_recipe(REPO / "jobs/configs" / recipe, Config, StageConfig)["distill"]["stages"])  # before each_task copies
+    tree, _ = read_recipe(REPO / "jobs/configs" / recipe, Config, StageConfig)
+    stages = len(tree["distill"]["stages"])  # before each_task copies
     one_epoch = [f"distill.stages.{i}.optim.epochs=1" for i in range(stages)]
     one_epoch += [f"distill.stages.{i}.optim.batch_size=16" for i in range(stages)]
     args = ["--config", f"jobs/configs/{recipe}", f"run.output_dir={tmp_path}/runs",
